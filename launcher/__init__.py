@@ -1,0 +1,1 @@
+"""The CLI, the one Config, model resolution, and spawning/watching processes."""

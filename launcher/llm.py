@@ -1,0 +1,138 @@
+"""The offline Python API: the same scheduler and shard as the server, driven in-process.
+
+    llm = LLM()                      # the embedded default model
+    out = llm.generate(["Hello"], GenerationParams(max_tokens=32))
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from router.block_allocator import BlockAllocator
+from router.engine_core import EngineCore
+from router.params import GenerationParams
+from router.scheduler import Scheduler, SchedulerConfig
+from shards.wire import ShardSpec
+
+GiB = 2**30
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list | None = None
+    num_cached_prompt_tokens: int = 0
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str | None = None,
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        max_num_seqs: int = 256,
+        block_size: int = 16,
+        kv_cache_memory: int = 2 * GiB,
+        enable_prefix_caching: bool = True,
+        seed: int | None = None,
+        shard_process: bool = False,
+        load_tokenizer: bool = True,
+        progress: bool = False,
+        num_threads: int | None = None,
+    ) -> None:
+        if model is None:
+            from launcher.embedded import ensure_embedded_model
+
+            model = str(ensure_embedded_model())
+        self.model_path = model
+        spec = ShardSpec(
+            model_path=model, dtype=dtype, block_size=block_size, kv_cache_memory=kv_cache_memory,
+            max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens or 2048, seed=seed,
+            progress=progress, num_threads=num_threads,
+        )
+        if shard_process:
+            from launcher.shard_process import ShardProcess
+
+            self.shard = ShardProcess(spec)
+            info = self.shard.info()
+            self.worker = None
+        else:
+            from shards.worker import Worker
+
+            self.worker = self.shard = Worker(spec)
+            info = self.worker.info()
+        self.info = info
+        from shards.model_config import load_model_config
+
+        cfg = load_model_config(model)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_batched_tokens=max_num_batched_tokens or max(info.max_model_len, 2048),
+                max_num_seqs=max_num_seqs,
+                max_model_len=info.max_model_len,
+                eos_token_ids=cfg.eos_token_ids,
+            ),
+            BlockAllocator(info.num_blocks, info.block_size, enable_prefix_caching),
+        )
+        self.engine = EngineCore(self.scheduler, self.shard)
+        self.tokenizer = None
+        if load_tokenizer:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self._request_ids = itertools.count()
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: GenerationParams | list[GenerationParams] | None = None,
+    ) -> list[Completion]:
+        """Run every prompt to completion, batched by the scheduler; results in prompt order."""
+        params_list = params if isinstance(params, list) else [params or GenerationParams()] * len(prompts)
+        completions: dict[int, Completion] = {}
+        order = []
+        for prompt, p in zip(prompts, params_list):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            rid = f"offline-{next(self._request_ids)}"
+            seq = self.engine.add(rid, ids, p)
+            completions[seq.seq_id] = Completion(rid, ids)
+            order.append(seq.seq_id)
+        while self.engine.has_work():
+            for u in self.engine.step():
+                c = completions[u.seq.seq_id]
+                c.token_ids += u.new_token_ids
+                if u.logprobs is not None:
+                    c.logprobs = (c.logprobs or []) + u.logprobs
+                if u.top_logprobs is not None:
+                    c.top_logprobs = (c.top_logprobs or []) + u.top_logprobs
+                if u.finished:
+                    c.finish_reason = u.seq.finish_reason
+                    c.num_cached_prompt_tokens = u.seq.num_cached_prompt_tokens
+        out = [completions[i] for i in order]
+        if self.tokenizer is not None:
+            for c in out:
+                c.text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        return out
+
+    def close(self) -> None:
+        if hasattr(self.shard, "close"):
+            self.shard.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,76 @@
+"""The attention backend interface and the `Attention` layer that calls it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from layers.attention.metadata import AttentionMetadata
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # each [num_blocks, block_size, local_kv_heads, head_dim]
+
+
+class AttentionBackend:
+    name = "abstract"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim].
+        Writes k, v into the cache at `meta.slot_mapping`, then attends each token to its
+        sequence's cached and new keys (causally). Returns [num_tokens, heads, head_dim]."""
+        raise NotImplementedError
+
+
+def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    k_cache, v_cache = kv_cache
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def select_backend(device: torch.device, prefer_flash: bool = True) -> AttentionBackend:
+    if device.type == "cuda" and prefer_flash:
+        from layers.attention.flash import FlashAttentionBackend, flash_available
+
+        if flash_available():
+            return FlashAttentionBackend()
+    from layers.attention.torch_sdpa import TorchSDPABackend
+
+    return TorchSDPABackend()
+
+
+class Attention(nn.Module):
+    """One layer's attention over its paged KV cache; projections and rotary live in the model."""
+
+    def __init__(
+        self,
+        local_num_heads: int,
+        local_num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        backend: AttentionBackend,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.local_num_heads = local_num_heads
+        self.local_num_kv_heads = local_num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.backend = backend
+        self.sliding_window = sliding_window
+
+    def forward(self, q, k, v, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        # q: [num_tokens, local_num_heads * head_dim] -> same shape out
+        t = q.shape[0]
+        q = q.view(t, self.local_num_heads, self.head_dim)
+        k = k.view(t, self.local_num_kv_heads, self.head_dim)
+        v = v.view(t, self.local_num_kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
+        return out.reshape(t, self.local_num_heads * self.head_dim)

@@ -1,0 +1,101 @@
+"""CPU attention over the paged cache with torch's scaled_dot_product_attention.
+
+Single-token queries (decodes) are batched: their blocks are gathered into one padded
+[num_single, kv_heads, max_len, head_dim] tensor and masked. Multi-token chunks run one SDPA
+each; a chunk with no cached prefix attends to its own k/v without touching the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from layers.attention.backend import AttentionBackend, KVCache, write_kv
+from layers.attention.metadata import AttentionMetadata
+
+
+def _window_ok(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    ok = key_pos <= query_pos
+    if window is not None:
+        ok &= key_pos > query_pos - window
+    return ok
+
+
+class TorchSDPABackend(AttentionBackend):
+    name = "torch-sdpa"
+
+    def _single(self, meta: AttentionMetadata, device, window: int | None):
+        key = ("single", window)
+        if key not in meta.cache:
+            layout = meta.layout
+            s = layout.num_single
+            tables = layout.block_tables[:s]
+            max_blocks = max(len(t) for t in tables)
+            padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+            block_ids = torch.tensor(padded, dtype=torch.long, device=device)  # [s, max_blocks]
+            query_pos = torch.tensor(layout.start_positions[:s], device=device)[:, None]
+            key_pos = torch.arange(max_blocks * layout.block_size, device=device)[None, :]
+            mask = _window_ok(key_pos, query_pos, window)[:, None, None, :]  # [s, 1, 1, max_len]
+            meta.cache[key] = (block_ids, mask)
+        return meta.cache[key]
+
+    def _chunk(self, meta: AttentionMetadata, i: int, device, window: int | None):
+        key = ("chunk", i, window)
+        if key not in meta.cache:
+            layout = meta.layout
+            start, n = layout.start_positions[i], layout.query_lens[i]
+            ctx = start + n
+            nb = -(-ctx // layout.block_size)
+            block_ids = torch.tensor(layout.block_tables[i][:nb], dtype=torch.long, device=device)
+            query_pos = torch.arange(start, ctx, device=device)[:, None]
+            key_pos = torch.arange(ctx, device=device)[None, :]
+            meta.cache[key] = (block_ids, _window_ok(key_pos, query_pos, window))  # [n, ctx]
+        return meta.cache[key]
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        k_cache, v_cache = kv_cache
+        layout = meta.layout
+        kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        out = torch.empty_like(q)
+        s = layout.num_single
+        if s:
+            block_ids, mask = self._single(meta, q.device, sliding_window)
+            keys = k_cache[block_ids].view(s, -1, kv_heads, head_dim).transpose(1, 2)
+            values = v_cache[block_ids].view(s, -1, kv_heads, head_dim).transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q[:s].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+            )  # [s, heads, 1, head_dim]
+            out[:s] = o.squeeze(2)
+        token = s
+        for i in range(s, len(layout.query_lens)):
+            start, n = layout.start_positions[i], layout.query_lens[i]
+            qc = q[token : token + n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
+            if start == 0 and sliding_window is None:
+                keys = k[token : token + n].transpose(0, 1).unsqueeze(0)
+                values = v[token : token + n].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(
+                    qc, keys.to(q.dtype), values.to(q.dtype), is_causal=True, scale=scale,
+                    enable_gqa=True,
+                )
+            else:
+                block_ids, mask = self._chunk(meta, i, q.device, sliding_window)
+                ctx = start + n
+                keys = k_cache[block_ids].view(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
+                values = v_cache[block_ids].view(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
+                o = F.scaled_dot_product_attention(
+                    qc, keys.unsqueeze(0).to(q.dtype), values.unsqueeze(0).to(q.dtype),
+                    attn_mask=mask, scale=scale, enable_gqa=True,
+                )
+            out[token : token + n] = o.squeeze(0).transpose(0, 1)
+            token += n
+        return out

@@ -1,0 +1,2 @@
+"""Requests: HTTP, validation, templates, tokenizer, scheduling, block accounting, streaming.
+Never imports torch."""

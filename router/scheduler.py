@@ -1,0 +1,261 @@
+"""Token-budgeted continuous batching over plain data (no torch, no asyncio).
+
+Each step, every scheduled sequence runs some number of its not-yet-computed tokens: one for a
+decode, a chunk for a prompt. Order of service: running sequences that decode (so a long prompt
+never starves them), then running sequences still in their prompt, then waiting sequences in
+arrival order. The step's tokens never exceed `max_num_batched_tokens`; running sequences never
+exceed `max_num_seqs`. When KV blocks run out, the newest running sequence is pre-empted: its
+blocks are freed and it goes back to the head of the queue, to be recomputed (its full blocks
+usually survive in the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from router.block_allocator import BlockAllocator
+from router.sequence import Sequence, SeqStatus
+from shards.wire import NewSeq, ScheduledSeq, StepPlan, StepResult
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...] = ()
+    # Free blocks admission leaves untouched so running decodes do not immediately pre-empt.
+    watermark_blocks: int = 0
+
+
+@dataclass
+class SeqUpdate:
+    seq: Sequence
+    new_token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.seq.is_finished
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.block_size = allocator.block_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[int, Sequence] = {}
+        self._finished_ids: list[int] = []  # to tell the shard, with the next plan
+        self._step_id = 0
+        self.num_preemptions = 0
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        if seq.num_tokens == 0:
+            raise ValueError("a sequence needs at least one prompt token")
+        if seq.num_tokens >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt of {seq.num_tokens} tokens leaves no room under "
+                f"max_model_len={self.config.max_model_len}"
+            )
+        seq.status = SeqStatus.WAITING
+        self.seqs[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Stop a sequence now and free its blocks; no-op for an unknown or finished id."""
+        seq = self.seqs.get(seq_id)
+        if seq is None or seq.is_finished:
+            return None
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._finish(seq, "abort")
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def _blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = -(-(seq.num_computed + num_new_tokens) // self.block_size)
+        return max(0, total - len(seq.block_ids))
+
+    def _fit(self, seq: Sequence, want: int) -> int:
+        """Most of `want` tokens the free blocks can hold for `seq` (0 if not even one)."""
+        room = (len(seq.block_ids) + self.allocator.num_free) * self.block_size - seq.num_computed
+        return max(0, min(want, room))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.block_ids)
+        seq.block_ids = []
+        seq.num_computed = 0
+        seq.num_committed_blocks = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> StepPlan | None:
+        budget = self.config.max_num_batched_tokens
+        chosen: dict[int, tuple[Sequence, int]] = {}
+        preempted = False
+        decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1]
+        prefilling = [s for s in self.running if s.num_tokens - s.num_computed > 1]
+        for seq in decoding + prefilling:
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # pre-empted earlier in this loop
+            want = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._fit(seq, want)
+            while n == 0 and seq.status is SeqStatus.RUNNING:
+                victim = self.running[-1]
+                if victim.seq_id in chosen:
+                    budget += chosen.pop(victim.seq_id)[1]
+                self._preempt(victim)
+                preempted = True
+                n = self._fit(seq, want)
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            seq.block_ids += self.allocator.allocate(self._blocks_needed(seq, n))
+            chosen[seq.seq_id] = (seq, n)
+            budget -= n
+        if not preempted:
+            budget = self._admit(chosen, budget)
+        if not chosen:
+            return self._empty_plan()
+        return self._plan([s for s, _ in chosen.values()], [n for _, n in chosen.values()])
+
+    def _admit(self, chosen: dict[int, tuple[Sequence, int]], budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            bs = self.block_size
+            hashes = seq.full_block_hashes(bs)
+            # At least one token must run to produce logits, so the last block is never a hit.
+            usable = hashes[: (seq.num_tokens - 1) // bs]
+            hit = self.allocator.lookup(usable)
+            num_computed = len(hit) * bs
+            n = min(seq.num_tokens - num_computed, budget)
+            new_blocks = -(-(num_computed + n) // bs) - len(hit)
+            free = self.allocator.num_free - self.config.watermark_blocks
+            if new_blocks + self.allocator.num_revived(hit) > free:
+                break  # first come, first served: later arrivals wait behind it
+            self.waiting.popleft()
+            self.allocator.record_lookup(len(usable), len(hit))
+            self.allocator.take(hit)
+            seq.block_ids = hit + self.allocator.allocate(new_blocks)
+            seq.num_computed = num_computed
+            seq.num_committed_blocks = len(hit)
+            if seq.num_preemptions == 0:
+                seq.num_cached_prompt_tokens = num_computed
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            chosen[seq.seq_id] = (seq, n)
+            budget -= n
+        return budget
+
+    def _plan(self, seqs: list[Sequence], counts: list[int]) -> StepPlan:
+        self._step_id += 1
+        scheduled = []
+        new = []
+        for seq, n in zip(seqs, counts):
+            start = seq.num_computed
+            scheduled.append(
+                ScheduledSeq(
+                    seq_id=seq.seq_id,
+                    token_ids=seq.token_ids[start : start + n],
+                    start_pos=start,
+                    block_table=list(seq.block_ids),
+                    sample=start + n == seq.num_tokens,
+                )
+            )
+            if not seq.announced:
+                seq.announced = True
+                sp = seq.params.sampling
+                prompt = seq.prompt_token_ids if sp.repetition_penalty != 1.0 else []
+                new.append(NewSeq(seq.seq_id, sp, list(prompt)))
+        finished, self._finished_ids = self._finished_ids, []
+        return StepPlan(self._step_id, scheduled, new, finished)
+
+    def _empty_plan(self) -> StepPlan | None:
+        if not self._finished_ids:
+            return None
+        self._step_id += 1
+        finished, self._finished_ids = self._finished_ids, []
+        return StepPlan(self._step_id, [], [], finished)
+
+    # -- results ----------------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[SeqUpdate]:
+        for s in plan.seqs:
+            seq = self.seqs.get(s.seq_id)
+            if seq is None or seq.status is not SeqStatus.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed += len(s.token_ids)
+            self._commit_full_blocks(seq)
+        updates = []
+        for out in result.outputs:
+            seq = self.seqs.get(out.seq_id)
+            if seq is None or seq.status is not SeqStatus.RUNNING:
+                continue
+            accepted = []
+            for token in out.token_ids:
+                seq.token_ids.append(token)
+                accepted.append(token)
+                reason = self._stop_reason(seq, token)
+                if reason:
+                    self.running.remove(seq)
+                    self._finish(seq, reason)
+                    break
+            n = len(accepted)
+            updates.append(
+                SeqUpdate(
+                    seq, accepted,
+                    out.logprobs[:n] if out.logprobs is not None else None,
+                    out.top_logprobs[:n] if out.top_logprobs is not None else None,
+                )
+            )
+        return updates
+
+    def _commit_full_blocks(self, seq: Sequence) -> None:
+        full = seq.num_computed // self.block_size
+        if full <= seq.num_committed_blocks:
+            return
+        hashes = seq.full_block_hashes(self.block_size)
+        for i in range(seq.num_committed_blocks, full):
+            self.allocator.commit(seq.block_ids[i], hashes[i])
+        seq.num_committed_blocks = full
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.config.eos_token_ids):
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        self.allocator.free(seq.block_ids)
+        seq.block_ids = []
+        del self.seqs[seq.seq_id]
+        if seq.announced:
+            self._finished_ids.append(seq.seq_id)

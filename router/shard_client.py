@@ -1,0 +1,59 @@
+"""The router's end of a shard's unix socket: one request frame, one answer frame."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from shards.wire import ShardInfo, StepPlan, StepResult, recv_frame, send_frame
+
+
+class ShardError(RuntimeError):
+    pass
+
+
+class ShardClient:
+    def __init__(self, socket_path: str, is_alive=lambda: True, connect_timeout: float = 60.0) -> None:
+        """Connect to a shard that is starting; `is_alive` lets us stop waiting on a dead one."""
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(socket_path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if not is_alive():
+                    raise ShardError(f"shard exited before opening {socket_path}") from None
+                if time.monotonic() > deadline:
+                    raise ShardError(f"shard did not open {socket_path} in {connect_timeout}s") from None
+                time.sleep(0.05)
+        self.sock = sock
+        self._info: ShardInfo | None = None
+
+    def wait_ready(self) -> ShardInfo:
+        try:
+            msg = recv_frame(self.sock)
+        except ConnectionError as e:
+            raise ShardError("shard closed the connection while loading") from e
+        if msg["type"] != "ready":
+            raise ShardError(msg.get("message", "shard failed to start"))
+        self._info = ShardInfo.from_dict(msg["info"])
+        return self._info
+
+    def info(self) -> ShardInfo:
+        return self._info or self.wait_ready()
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        send_frame(self.sock, {"type": "plan", "plan": plan})
+        msg = recv_frame(self.sock)
+        if msg["type"] != "result":
+            raise ShardError(msg.get("message", f"unexpected frame {msg['type']!r}"))
+        return StepResult.from_dict(msg["result"])
+
+    def close(self) -> None:
+        try:
+            send_frame(self.sock, {"type": "shutdown"})
+        except OSError:
+            pass
+        self.sock.close()

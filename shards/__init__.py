@@ -1,0 +1,1 @@
+"""Shard processes: tensors only (model, KV cache, sampler, weight loading, the step loop)."""

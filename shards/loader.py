@@ -1,0 +1,133 @@
+"""Fill a model's parameters from a checkpoint, reading only this rank's slices.
+
+Each checkpoint tensor is matched to a `WeightRule` of the model; the target layer says which
+slice of it this rank holds (`slice_for`) and what shape the whole tensor must have
+(`checkpoint_shape`). Anything unmatched, mis-shaped or left unfilled is a `LoadError` naming
+the tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from layers.linear import WHOLE, Split
+from shards.checkpoint import CheckpointReader
+
+log = logging.getLogger("shardserve.loader")
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+class LoadError(ValueError):
+    pass
+
+
+def _pattern(name: str) -> tuple[str, str | None]:
+    m = _LAYER_INDEX.search(name)
+    if not m:
+        return name, None
+    return name[: m.start()] + ".{i}." + name[m.end() :], m.group(1)
+
+
+def _expected_shape(module: nn.Module, pname: str, slots: tuple[str, ...], param) -> tuple:
+    if not hasattr(module, "checkpoint_shape"):
+        return tuple(param.shape)
+    shapes = [module.checkpoint_shape(pname, s) for s in slots]
+    if len(shapes) == 1:
+        return shapes[0]
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+def load_weights(model: nn.Module, folder: str, progress: bool = True) -> dict:
+    """Load `folder` into `model`; returns a small report (tensors, bytes, seconds)."""
+    reader = CheckpointReader(folder)
+    rules = model.weight_rules()
+    skipped = set(model.skipped_weights())
+    modules = dict(model.named_modules())
+    filled: set[tuple[int, str]] = set()
+    started = time.monotonic()
+    num_bytes = 0
+    num_tensors = 0
+    bar = tqdm(desc="loading weights", unit="tensor", disable=not progress, mininterval=1.0)
+    for file, name, handle in reader.tensors():
+        bar.update(1)
+        pattern, idx = _pattern(name)
+        rule = rules.get(pattern)
+        if rule is None:
+            if pattern in skipped:
+                continue
+            raise LoadError(
+                f"{reader.folder / file}: unexpected tensor {name!r}: "
+                f"{type(model).__name__} has no parameter for it"
+            )
+        target = rule.target.format(i=idx)
+        module_path, pname = target.rsplit(".", 1)
+        module = modules.get(module_path)
+        param = getattr(module, pname, None) if module is not None else None
+        if param is None:
+            raise LoadError(f"{file}: tensor {name!r} maps to {target!r}, which the model lacks")
+        layer_split = getattr(module, "split", Split.REPLICATED)
+        if layer_split != rule.split:
+            raise LoadError(
+                f"weight map of {type(model).__name__}: {name!r} declared {rule.split.value} "
+                f"but {target!r} is {layer_split.value}"
+            )
+        slots = rule.fused or (rule.slot,)
+        expected = _expected_shape(module, pname, slots, param)
+        if handle.shape() != tuple(expected):
+            raise LoadError(
+                f"{reader.folder / file}: tensor {name!r} has shape {list(handle.shape())}, "
+                f"expected {list(expected)}"
+            )
+        offset = 0
+        for slot in slots:
+            spec = module.slice_for(pname, slot) if hasattr(module, "slice_for") else WHOLE
+            src = handle.read(spec, offset)
+            dst = param.data if spec.dim is None else param.data.narrow(spec.dim, spec.dst_start, spec.length)
+            if tuple(src.shape) != tuple(dst.shape):
+                raise LoadError(
+                    f"{reader.folder / file}: slice of {name!r} has shape {list(src.shape)}, "
+                    f"{target!r} slot {slot!r} needs {list(dst.shape)}"
+                )
+            dst.copy_(src)
+            num_bytes += dst.numel() * dst.element_size()
+            filled.add((id(param), slot))
+            if rule.fused:
+                offset += module.checkpoint_shape(pname, slot)[0]
+        num_tensors += 1
+    bar.close()
+    _check_filled(model, filled, rules)
+    for module in model.modules():
+        quant = getattr(module, "quant", None)
+        if quant is not None:
+            quant.finalize(module)
+    report = {"tensors": num_tensors, "bytes": num_bytes, "seconds": time.monotonic() - started}
+    log.info(
+        "loaded %d tensors (%.1f MiB for this rank) from %s in %.1fs",
+        num_tensors, num_bytes / 2**20, folder, report["seconds"],
+    )
+    return report
+
+
+def _check_filled(model: nn.Module, filled: set[tuple[int, str]], rules) -> None:
+    sources: dict[str, str] = {}
+    for pattern, rule in rules.items():
+        for slot in rule.fused or (rule.slot,):
+            sources[f"{rule.target}:{slot}"] = pattern
+    for module_path, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            slots = module.slots() if hasattr(module, "slots") else {"": 0}
+            for slot in slots:
+                if (id(param), slot) in filled:
+                    continue
+                target, idx = _pattern(f"{module_path}.{pname}")
+                source = sources.get(f"{target}:{slot}", target).replace("{i}", idx or "{i}")
+                raise LoadError(
+                    f"checkpoint is missing tensor {source!r} (for parameter "
+                    f"{module_path}.{pname}{f' slot {slot}' if slot else ''})"
+                )

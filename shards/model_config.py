@@ -1,0 +1,132 @@
+"""A checkpoint's `config.json` mapped once into a frozen `ModelConfig`.
+
+Torch-free so the launcher can validate a model folder before any shard starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ModelConfigError(ValueError):
+    """A checkpoint folder whose config cannot be served; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    partial_rotary_factor: float
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    checkpoint_dtype: str | None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _sliding_windows(raw: dict, num_layers: int) -> tuple[int | None, ...]:
+    window = raw.get("sliding_window")
+    if raw.get("model_type") in ("qwen2", "qwen2_moe") and not raw.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return (None,) * num_layers
+    layer_types = raw.get("layer_types")
+    if layer_types:
+        return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    if raw.get("model_type") == "qwen2":
+        first = int(raw.get("max_window_layers", num_layers))
+        return tuple(int(window) if i >= first else None for i in range(num_layers))
+    return (int(window),) * num_layers
+
+
+def _rope(raw: dict) -> tuple[float, dict | None]:
+    # transformers 5 writes `rope_parameters` (theta inside); earlier files `rope_theta` + `rope_scaling`.
+    params = raw.get("rope_parameters") or {}
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    scaling = raw.get("rope_scaling") or params
+    scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    return float(theta), (None if kind == "default" else scaling)
+
+
+def model_config_from_dict(raw: dict, generation: dict | None = None, source: str = "config.json") -> ModelConfig:
+    def need(name: str):
+        if raw.get(name) is None:
+            raise ModelConfigError(f"{source}: required field {name!r} is missing")
+        return raw[name]
+
+    archs = raw.get("architectures") or []
+    if not archs:
+        raise ModelConfigError(f"{source}: field 'architectures' is missing or empty")
+    hidden = int(need("hidden_size"))
+    heads = int(need("num_attention_heads"))
+    layers = int(need("num_hidden_layers"))
+    act = raw.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ModelConfigError(f"{source}: hidden_act {act!r} is not supported (silu)")
+    theta, scaling = _rope(raw)
+    eos = _ids(raw.get("eos_token_id")) + _ids((generation or {}).get("eos_token_id"))
+    return ModelConfig(
+        architecture=archs[0],
+        model_type=str(raw.get("model_type", "")),
+        hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or hidden // heads),
+        vocab_size=int(need("vocab_size")),
+        max_position_embeddings=int(raw.get("max_position_embeddings") or 2048),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        partial_rotary_factor=float(raw.get("partial_rotary_factor", 1.0)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        attention_bias=bool(raw.get("attention_bias", False)),
+        mlp_bias=bool(raw.get("mlp_bias", False)),
+        sliding_windows=_sliding_windows(raw, layers),
+        eos_token_ids=tuple(dict.fromkeys(eos)),
+        bos_token_id=raw.get("bos_token_id"),
+        checkpoint_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+        extra=raw,
+    )
+
+
+def load_model_config(folder: str | Path) -> ModelConfig:
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelConfigError(f"{folder}: no config.json (is this a model folder?)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(f"{path}: not valid JSON ({e})") from e
+    gen_path = folder / "generation_config.json"
+    generation = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+    return model_config_from_dict(raw, generation, source=str(path))

@@ -1,0 +1,1 @@
+"""Model families, one file each, registered by `architectures` in `registry.py`."""

@@ -1,0 +1,101 @@
+"""Turn a `StepPlan` into one forward over the flat token batch, then sample.
+
+Sequences running one token go first so attention can batch them; logits are computed only for
+the last token of sequences that sample this step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+from torch import nn
+
+from layers.attention.metadata import AttentionMetadata, BatchLayout, positions_and_slots
+from shards.kv_cache import KVCache
+from shards.sampler import Sampler, SeqSamplingState
+from shards.wire import ScheduledSeq, SeqOutput, StepPlan, StepResult
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[KVCache],
+        block_size: int,
+        vocab_size: int,
+        device: torch.device,
+        seed: int | None = None,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.device = device
+        self.sampler = Sampler(vocab_size, device, seed)
+        self.states: dict[int, SeqSamplingState] = {}
+
+    def _update_states(self, plan: StepPlan) -> None:
+        for seq_id in plan.finished_seq_ids:
+            self.states.pop(seq_id, None)
+        for new in plan.new_seqs:
+            self.states[new.seq_id] = SeqSamplingState.create(
+                new.sampling, new.prompt_token_ids, self.vocab_size, self.device
+            )
+
+    def forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[ScheduledSeq], list[int]]:
+        """Run the plan's tokens through the model, writing their K/V. Returns the hidden states
+        [num_tokens, hidden], the sequences in flat-batch order and the row of each sequence's
+        last token."""
+        seqs = sorted(plan.seqs, key=lambda s: len(s.token_ids) > 1)  # stable: singles first
+        layout = BatchLayout(
+            query_lens=[len(s.token_ids) for s in seqs],
+            start_positions=[s.start_pos for s in seqs],
+            block_tables=[s.block_table for s in seqs],
+            block_size=self.block_size,
+        )
+        positions, slots = positions_and_slots(layout)
+        input_ids = [t for s in seqs for t in s.token_ids]
+        dev = self.device
+        seq_lens_per_token = None
+        if getattr(self.model, "needs_seq_lens", False):
+            seq_lens_per_token = torch.repeat_interleave(
+                torch.tensor(layout.seq_lens, device=dev), torch.tensor(layout.query_lens, device=dev)
+            )
+        meta = AttentionMetadata(
+            layout, torch.tensor(slots, dtype=torch.long, device=dev), seq_lens_per_token
+        )
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            self.kv_caches,
+            meta,
+        )
+        last_rows = list(itertools.accumulate(layout.query_lens))
+        return hidden, seqs, [r - 1 for r in last_rows]
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        started = time.perf_counter()
+        self._update_states(plan)
+        if not plan.seqs:
+            return StepResult(plan.step_id, [])
+        hidden, seqs, last_rows = self.forward(plan)
+        rows = [r for s, r in zip(seqs, last_rows) if s.sample]
+        sampled = [s for s in seqs if s.sample]
+        outputs: dict[int, SeqOutput] = {}
+        if sampled:
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+            states = [self.states[s.seq_id] for s in sampled]
+            out = self.sampler.sample(logits.float(), states)
+            for i, (s, st) in enumerate(zip(sampled, states)):
+                want = st.params.logprobs is not None
+                outputs[s.seq_id] = SeqOutput(
+                    s.seq_id,
+                    [out.token_ids[i]],
+                    [out.logprobs[i]] if want else None,
+                    [out.top_logprobs[i]] if want and out.top_logprobs[i] is not None else None,
+                )
+        ordered = [outputs[s.seq_id] for s in plan.seqs if s.seq_id in outputs]
+        return StepResult(plan.step_id, ordered, time.perf_counter() - started)

@@ -1,0 +1,175 @@
+"""Router ↔ shard messages: plain dataclasses, stdlib + orjson only (the router imports this).
+
+A step plan carries ids and counts: which sequences run how many tokens at which positions,
+over which KV blocks. A sequence's sampling parameters travel once, when it first appears.
+Frames on a socket are a 4-byte big-endian length followed by one orjson document.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import asdict, dataclass, field
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = disabled
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; 0: the sampled token's; k: plus the top k
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+
+@dataclass(slots=True)
+class NewSeq:
+    seq_id: int
+    sampling: SamplingParams
+    prompt_token_ids: list[int]  # sent only when a penalty needs the prompt; else empty
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq_id: int
+    token_ids: list[int]  # the tokens this sequence runs now
+    start_pos: int  # position of token_ids[0] == tokens already in the KV cache
+    block_table: list[int]  # covers start_pos + len(token_ids) tokens
+    sample: bool  # whether a token is sampled after the last one
+
+
+@dataclass(slots=True)
+class StepPlan:
+    step_id: int
+    seqs: list[ScheduledSeq]
+    new_seqs: list[NewSeq] = field(default_factory=list)
+    finished_seq_ids: list[int] = field(default_factory=list)  # drop their sampler state
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+    @staticmethod
+    def from_dict(d: dict) -> StepPlan:
+        return StepPlan(
+            step_id=d["step_id"],
+            seqs=[ScheduledSeq(**s) for s in d["seqs"]],
+            new_seqs=[
+                NewSeq(n["seq_id"], SamplingParams(**n["sampling"]), n["prompt_token_ids"])
+                for n in d["new_seqs"]
+            ],
+            finished_seq_ids=d["finished_seq_ids"],
+        )
+
+
+@dataclass(slots=True)
+class SeqOutput:
+    seq_id: int
+    token_ids: list[int]
+    logprobs: list[float] | None = None  # one per token in token_ids
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass(slots=True)
+class StepResult:
+    step_id: int
+    outputs: list[SeqOutput]  # one per sampled sequence, in plan order
+    forward_seconds: float = 0.0
+
+    @staticmethod
+    def from_dict(d: dict) -> StepResult:
+        outputs = []
+        for o in d["outputs"]:
+            top = o["top_logprobs"]
+            if top is not None:
+                top = [[tuple(p) for p in row] for row in top]
+            outputs.append(SeqOutput(o["seq_id"], o["token_ids"], o["logprobs"], top))
+        return StepResult(d["step_id"], outputs, d["forward_seconds"])
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSpec:
+    """Everything a shard needs to load its model and size its cache."""
+
+    model_path: str
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str | None = None  # None: float32 on CPU, float16 on GPU; "auto": the checkpoint's
+    block_size: int = 16
+    kv_cache_memory: int = 2 * 2**30  # bytes, CPU only
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 2048
+    seed: int | None = None
+    quantization: str = "none"
+    rank: int = 0
+    world_size: int = 1
+    num_threads: int | None = None
+    progress: bool = True
+
+    @staticmethod
+    def from_dict(d: dict) -> ShardSpec:
+        return ShardSpec(**d)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardInfo:
+    """What a loaded shard reports back."""
+
+    num_blocks: int  # usable KV blocks (block 0 is reserved as the null block)
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    dtype: str
+    device: str
+    attention_backend: str
+    weight_bytes: int
+    kv_block_bytes: int
+
+    @staticmethod
+    def from_dict(d: dict) -> ShardInfo:
+        return ShardInfo(**d)
+
+
+def to_dict(obj) -> dict:
+    return asdict(obj)
+
+
+_HEADER = struct.Struct(">I")
+
+
+def send_frame(sock: socket.socket, message: dict | object) -> None:
+    payload = orjson.dumps(message)
+    sock.sendall(_HEADER.pack(len(payload)) + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            raise ConnectionError("shard connection closed")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_frame(sock: socket.socket) -> dict:
+    (length,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    return orjson.loads(_recv_exact(sock, length))

@@ -1,0 +1,154 @@
+"""One shard: builds its slice of the model from a `ShardSpec`, sizes and allocates the KV cache,
+and executes step plans. Transport-agnostic: `shards/server.py` puts it behind a socket, the
+offline API calls it in-process."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from layers.attention.backend import Attention, select_backend
+from layers.parallel import ParallelContext
+from shards import kv_cache
+from shards.loader import load_weights
+from shards.model_config import ModelConfig, load_model_config
+from shards.models.base import BuildContext
+from shards.models.registry import model_class
+from shards.runner import ModelRunner
+from shards.wire import ShardInfo, ShardSpec, StepPlan, StepResult
+
+log = logging.getLogger("shardserve.worker")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class DtypeError(ValueError):
+    pass
+
+
+def resolve_dtype(requested: str | None, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+    """None → float32 on CPU (half-precision matmuls are several times slower on CPUs without
+    native support), float16 on GPU; "auto" → the checkpoint's dtype."""
+    if requested is None:
+        return torch.float32 if device.type == "cpu" else torch.float16
+    name = requested
+    if requested == "auto":
+        name = checkpoint_dtype if checkpoint_dtype in _DTYPES else "float32"
+        if device.type == "cuda" and name == "float32":
+            name = "float16"
+    if name not in _DTYPES:
+        raise DtypeError(f"--dtype {requested!r} is not one of auto, {', '.join(_DTYPES)}")
+    dtype = _DTYPES[name]
+    if device.type == "cpu" and dtype != torch.float32:
+        log.warning("dtype %s on CPU: matmuls run several times slower than float32 here", name)
+    return dtype
+
+
+def resolve_max_model_len(cfg: ModelConfig, requested: int | None) -> int:
+    return requested or cfg.max_position_embeddings
+
+
+class Worker:
+    def __init__(self, spec: ShardSpec) -> None:
+        self.spec = spec
+        if spec.num_threads:
+            torch.set_num_threads(spec.num_threads)
+        self.device = torch.device(spec.device)
+        self.cfg = load_model_config(spec.model_path)
+        self.dtype = resolve_dtype(spec.dtype, self.device, self.cfg.checkpoint_dtype)
+        self.max_model_len = resolve_max_model_len(self.cfg, spec.max_model_len)
+        backend = select_backend(self.device)
+        self.block_size = spec.block_size
+        if backend.name == "flash-attn":
+            from layers.attention.flash import REQUIRED_BLOCK_MULTIPLE
+
+            self.block_size = -(-spec.block_size // REQUIRED_BLOCK_MULTIPLE) * REQUIRED_BLOCK_MULTIPLE
+        pctx = ParallelContext(spec.rank, spec.world_size)
+        bc = BuildContext(
+            pctx=pctx, dtype=self.dtype, device=self.device, backend=backend,
+            max_position=self.max_model_len, quantization=spec.quantization,
+        )
+        with torch.device(self.device):
+            self.model = model_class(self.cfg.architecture)(self.cfg, bc).eval()
+        self.load_report = load_weights(self.model, spec.model_path, progress=spec.progress)
+        self.weight_bytes = sum(
+            p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values()
+        )
+        attn = next(m for m in self.model.modules() if isinstance(m, Attention))
+        self.kv_heads, self.head_dim = attn.local_num_kv_heads, attn.head_dim
+        self.kv_block_bytes = kv_cache.block_bytes(
+            self.cfg.num_hidden_layers, self.block_size, self.kv_heads, self.head_dim, self.dtype
+        )
+        num_blocks = self._num_blocks()
+        kv_cache.check_capacity(num_blocks, self.block_size, self.max_model_len)
+        caches = kv_cache.allocate(
+            self.cfg.num_hidden_layers, num_blocks, self.block_size, self.kv_heads,
+            self.head_dim, self.dtype, self.device,
+        )
+        self.num_blocks = num_blocks
+        self.attention_backend = backend.name
+        self.runner = ModelRunner(
+            self.model, caches, self.block_size, self.cfg.vocab_size, self.device, spec.seed
+        )
+        log.info(
+            "shard %d/%d ready: %s %s on %s, %s attention, %d KV blocks of %d tokens (%.2f GiB)",
+            spec.rank, spec.world_size, self.cfg.architecture, str(self.dtype).split(".")[-1],
+            self.device, backend.name, num_blocks - 1, self.block_size,
+            num_blocks * self.kv_block_bytes / 2**30,
+        )
+
+    def _num_blocks(self) -> int:
+        if self.device.type == "cpu":
+            return kv_cache.cpu_num_blocks(self.spec.kv_cache_memory, self.kv_block_bytes)
+        return self._profile_gpu_blocks()
+
+    @torch.inference_mode()
+    def _profile_gpu_blocks(self) -> int:
+        """Run the largest step the scheduler may plan, then give the KV cache what is left of
+        gpu_memory_utilization × total memory after weights and that step's peak activations."""
+        from layers.attention.metadata import AttentionMetadata, BatchLayout
+
+        n = min(self.spec.max_num_batched_tokens, self.max_model_len)
+        nb = -(-n // self.block_size) + 1
+        scratch = kv_cache.allocate(
+            self.cfg.num_hidden_layers, nb, self.block_size, self.kv_heads, self.head_dim,
+            self.dtype, self.device,
+        )
+        layout = BatchLayout([n], [0], [list(range(1, nb))], self.block_size)
+        slots = torch.arange(self.block_size, self.block_size + n, device=self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        seq_lens = torch.full((n,), n, device=self.device)
+        meta = AttentionMetadata(layout, slots, seq_lens)
+        hidden = self.model(ids, torch.arange(n, device=self.device), scratch, meta)
+        self.model.compute_logits(hidden[-min(n, 256):])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del scratch, hidden
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        free_for_kv = int(total * self.spec.gpu_memory_utilization) - peak
+        if free_for_kv <= 0:
+            raise kv_cache.KVCacheError(
+                f"weights and activations take {peak / 2**30:.2f} GiB, more than "
+                f"gpu_memory_utilization={self.spec.gpu_memory_utilization} of "
+                f"{total / 2**30:.2f} GiB leaves"
+            )
+        torch.cuda.empty_cache()
+        return free_for_kv // self.kv_block_bytes
+
+    def info(self) -> ShardInfo:
+        return ShardInfo(
+            num_blocks=self.num_blocks - 1,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            vocab_size=self.cfg.vocab_size,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            attention_backend=self.attention_backend,
+            weight_bytes=self.weight_bytes,
+            kv_block_bytes=self.kv_block_bytes,
+        )
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.runner.execute(plan)

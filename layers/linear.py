@@ -241,6 +241,9 @@ class RowParallelLinear(ParallelLinear):
         n = self.in_local
         return SliceSpec(dim=1, src_start=self.pctx.rank * n, dst_start=0, length=n)
 
+    def slots(self) -> dict[str, int]:
+        return {"": self.out_local}  # outputs are whole on every rank
+
     def checkpoint_shape(self, param: str, slot: str) -> tuple[int, ...]:
         if param == "bias":
             return (self.out_local,)

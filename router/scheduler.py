@@ -67,8 +67,9 @@ class Scheduler:
         self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
 
-    def abort(self, seq_id: int) -> Sequence | None:
-        """Stop a sequence now and free its blocks; no-op for an unknown or finished id."""
+    def abort(self, seq_id: int, reason: str = "abort") -> Sequence | None:
+        """Finish a sequence now (client gone, stop string found) and free its blocks; no-op
+        for an unknown or finished id."""
         seq = self.seqs.get(seq_id)
         if seq is None or seq.is_finished:
             return None
@@ -76,7 +77,7 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
-        self._finish(seq, "abort")
+        self._finish(seq, reason)
         return seq
 
     def has_unfinished(self) -> bool:
@@ -154,7 +155,8 @@ class Scheduler:
             num_computed = len(hit) * bs
             n = min(seq.num_tokens - num_computed, budget)
             new_blocks = -(-(num_computed + n) // bs) - len(hit)
-            free = self.allocator.num_free - self.config.watermark_blocks
+            # With nothing running there is nothing to protect: the watermark would only block.
+            free = self.allocator.num_free - (self.config.watermark_blocks if self.running else 0)
             if new_blocks + self.allocator.num_revived(hit) > free:
                 break  # first come, first served: later arrivals wait behind it
             self.waiting.popleft()

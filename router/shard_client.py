@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import time
 
+import orjson
+
 from shards.wire import ShardInfo, StepPlan, StepResult, recv_frame, send_frame
 
 
@@ -57,3 +59,54 @@ class ShardClient:
         except OSError:
             pass
         self.sock.close()
+
+
+class AsyncShardClient:
+    """The same protocol over asyncio streams, for the router's event loop."""
+
+    def __init__(self, reader, writer) -> None:
+        self._reader, self._writer = reader, writer
+        self.info: ShardInfo | None = None
+
+    @staticmethod
+    async def connect(socket_path: str, timeout: float = 600.0) -> AsyncShardClient:
+        """Connect to a starting shard and wait until its model is loaded."""
+        import asyncio
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 26)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise ShardError(f"shard did not open {socket_path} in {timeout}s") from None
+                await asyncio.sleep(0.05)
+        client = AsyncShardClient(reader, writer)
+        msg = await client._recv()
+        if msg["type"] != "ready":
+            raise ShardError(msg.get("message", "shard failed to start"))
+        client.info = ShardInfo.from_dict(msg["info"])
+        return client
+
+    async def _recv(self) -> dict:
+        import asyncio
+
+        try:
+            header = await self._reader.readexactly(4)
+            payload = await self._reader.readexactly(int.from_bytes(header, "big"))
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            raise ShardError("shard connection closed") from e
+        return orjson.loads(payload)
+
+    async def execute(self, plan: StepPlan) -> StepResult:
+        payload = orjson.dumps({"type": "plan", "plan": plan})
+        self._writer.write(len(payload).to_bytes(4, "big") + payload)
+        await self._writer.drain()
+        msg = await self._recv()
+        if msg["type"] != "result":
+            raise ShardError(msg.get("message", f"unexpected frame {msg['type']!r}"))
+        return StepResult.from_dict(msg["result"])
+
+    def close(self) -> None:
+        self._writer.close()

@@ -31,9 +31,13 @@ def _index(folder: Path, name: str) -> dict[str, str] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a valid index file ({e})") from e
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: no 'weight_map' object mapping tensor names to files")
+    return weight_map
 
 
 def find_weight_files(folder: str | Path) -> tuple[str, dict[str, list[str]]]:

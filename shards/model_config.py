@@ -76,17 +76,37 @@ def _rope(raw: dict) -> tuple[float, dict | None]:
 
 
 def model_config_from_dict(raw: dict, generation: dict | None = None, source: str = "config.json") -> ModelConfig:
-    def need(name: str):
-        if raw.get(name) is None:
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{source}: expected a JSON object")
+    try:
+        return _from_dict(raw, generation, source)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ModelConfigError):
+            raise
+        raise ModelConfigError(f"{source}: {e}") from e
+
+
+def _number(raw: dict, name: str, kind, source: str, default=None):
+    value = raw.get(name)
+    if value is None:
+        if default is None:
             raise ModelConfigError(f"{source}: required field {name!r} is missing")
-        return raw[name]
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelConfigError(f"{source}: field {name!r} must be a number, got {value!r}")
+    return kind(value)
+
+
+def _from_dict(raw: dict, generation: dict | None, source: str) -> ModelConfig:
+    def need(name: str):
+        return _number(raw, name, int, source)
 
     archs = raw.get("architectures") or []
     if not archs:
         raise ModelConfigError(f"{source}: field 'architectures' is missing or empty")
-    hidden = int(need("hidden_size"))
-    heads = int(need("num_attention_heads"))
-    layers = int(need("num_hidden_layers"))
+    hidden = need("hidden_size")
+    heads = need("num_attention_heads")
+    layers = need("num_hidden_layers")
     act = raw.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ModelConfigError(f"{source}: hidden_act {act!r} is not supported (silu)")
@@ -96,17 +116,17 @@ def model_config_from_dict(raw: dict, generation: dict | None = None, source: st
         architecture=archs[0],
         model_type=str(raw.get("model_type", "")),
         hidden_size=hidden,
-        intermediate_size=int(need("intermediate_size")),
+        intermediate_size=need("intermediate_size"),
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-        head_dim=int(raw.get("head_dim") or hidden // heads),
-        vocab_size=int(need("vocab_size")),
-        max_position_embeddings=int(raw.get("max_position_embeddings") or 2048),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        num_key_value_heads=_number(raw, "num_key_value_heads", int, source, heads),
+        head_dim=_number(raw, "head_dim", int, source, hidden // heads),
+        vocab_size=need("vocab_size"),
+        max_position_embeddings=_number(raw, "max_position_embeddings", int, source, 2048),
+        rms_norm_eps=_number(raw, "rms_norm_eps", float, source, 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        partial_rotary_factor=float(raw.get("partial_rotary_factor", 1.0)),
+        partial_rotary_factor=_number(raw, "partial_rotary_factor", float, source, 1.0),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention_bias=bool(raw.get("attention_bias", False)),
         mlp_bias=bool(raw.get("mlp_bias", False)),
@@ -128,5 +148,10 @@ def load_model_config(folder: str | Path) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise ModelConfigError(f"{path}: not valid JSON ({e})") from e
     gen_path = folder / "generation_config.json"
-    generation = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+    generation = None
+    if gen_path.is_file():
+        try:
+            generation = json.loads(gen_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelConfigError(f"{gen_path}: not valid JSON ({e})") from e
     return model_config_from_dict(raw, generation, source=str(path))

@@ -80,7 +80,8 @@ def filter_logits(
         sorted_logits = sorted_logits.masked_fill(drop, _NEG_INF)
         probs = sorted_logits.softmax(dim=-1)
         # Keep a token while the mass before it is below top_p: the smallest set reaching top_p.
-        drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+        # Rows with top_p = 1 skip this: their tail mass rounds to 1.0 in float32.
+        drop |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)
         sorted_logits = sorted_logits.masked_fill(drop, _NEG_INF)
         logits = torch.full_like(logits, _NEG_INF).scatter(-1, order, sorted_logits)
     if bool((min_p > 0).any()):
@@ -126,7 +127,8 @@ class Sampler:
                 if states[i].generator is not None:
                     noise[row].exponential_(generator=states[i].generator)
             # argmax(p / E) with E ~ Exp(1) draws index j with probability p_j (exponential race).
-            tokens[idx] = (probs / noise).argmax(dim=-1)
+            # A zero draw would turn 0 / 0 into NaN for a filtered token: keep E positive.
+            tokens[idx] = (probs / noise.clamp_min_(1e-30)).argmax(dim=-1)
         token_list = tokens.tolist()
         for s, t in zip(states, token_list):
             if s.output_counts is not None:

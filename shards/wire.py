@@ -136,6 +136,7 @@ class ShardInfo:
     block_size: int
     max_model_len: int
     vocab_size: int
+    eos_token_ids: tuple[int, ...]
     dtype: str
     device: str
     attention_backend: str
@@ -144,7 +145,7 @@ class ShardInfo:
 
     @staticmethod
     def from_dict(d: dict) -> ShardInfo:
-        return ShardInfo(**d)
+        return ShardInfo(**{**d, "eos_token_ids": tuple(d["eos_token_ids"])})
 
 
 def to_dict(obj) -> dict:

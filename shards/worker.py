@@ -143,6 +143,7 @@ class Worker:
             block_size=self.block_size,
             max_model_len=self.max_model_len,
             vocab_size=self.cfg.vocab_size,
+            eos_token_ids=self.cfg.eos_token_ids,
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
             attention_backend=self.attention_backend,

@@ -1,0 +1,257 @@
+"""The one `Config`: every flag of the vendor image's tables, with its environment variable and
+default. argparse is generated from the fields, so no flag exists without its env var.
+
+Precedence: command line, then environment, then `ti_model_config.json` in the model folder
+(model_id, conv_template_name), then the default. Children receive the serialized Config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+GiB = 2**30
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+DEFAULT_MODEL_PATH = "/data/model"
+
+
+class ConfigError(ValueError):
+    """A bad flag or environment value; the message names the flag."""
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected one of 0, 1, true, false; got {text!r}")
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"expected a size such as 2GiB, 512MiB or a byte count; got {text!r}")
+    number, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    scale = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit[0]]
+    return int(number * scale)
+
+
+def parse_optional_int(text: str) -> int | None:
+    return None if str(text).strip().lower() in ("", "none") else int(text)
+
+
+def _opt(
+    flags: list[str] | str | None,
+    env: str | None,
+    default: Any,
+    help: str,
+    parse=str,
+    choices: list[str] | None = None,
+    is_flag: bool = False,
+    file_key: str | None = None,
+):
+    """A Config field: its flags, env var, default, parser and help."""
+    flags = [flags] if isinstance(flags, str) else (flags or [])
+    meta = dict(flags=flags, env=env, help=help, parse=parse, choices=choices, is_flag=is_flag,
+                file_key=file_key)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    # -- model ---------------------------------------------------------------------------------
+    model_path: str = _opt(["--model-path", "--model"], "MODEL_PATH", DEFAULT_MODEL_PATH,
+                           "model folder (config.json, weights, tokenizer); when the default "
+                           "folder does not exist the embedded default model is served")
+    model_id: str | None = _opt(["--served-model-name"], "MODEL_ID", None,
+                                "model name reported by the API (ti_model_config.json model_id)",
+                                file_key="model_id")
+    conv_template: str | None = _opt(["--conv-template"], "CONV_TEMPLATE", None,
+                                     "chat template name (ti_model_config.json conv_template_name)",
+                                     file_key="conv_template_name")
+    trust_remote_code: bool = _opt("--trust-remote-code", "TRUST_REMOTE_CODE", False,
+                                   "allow a checkpoint's own tokenizer class (never its model code)",
+                                   parse=parse_bool, is_flag=True)
+    dtype: str | None = _opt("--dtype", "DTYPE", None,
+                             "compute dtype: auto, float16, bfloat16, float32 (default: float16 on "
+                             "GPU, float32 on CPU)",
+                             choices=["auto", "float16", "bfloat16", "float32"])
+    max_model_len: int | None = _opt("--max-model-len", "MAX_MODEL_LEN", None,
+                                     "context length (default: the model's)",
+                                     parse=parse_optional_int)
+    quantization: str = _opt("--quantization", "QUANTIZATION", "none", "weight quantization",
+                             choices=["none", "ifq", "ifq_nf4", "fp8", "smoothquant", "auto"])
+    seed: int | None = _opt("--seed", "SEED", None, "random seed for sampling",
+                            parse=parse_optional_int)
+    # -- parallelism ---------------------------------------------------------------------------
+    num_gpus: int | None = _opt(["--num-gpus", "--tensor-parallel-size"], "TP", None,
+                                "tensor parallel size (default: the visible GPUs, 1 on CPU)",
+                                parse=parse_optional_int)
+    worker_num: int = _opt("--worker-num", "WORKER_NUM", 1,
+                           "independent worker groups (data-parallel replicas)", parse=int)
+    limit_worker_concurrency: int = _opt("--limit-worker-concurrency", "MAX_CONCURRENCY", 128,
+                                         "requests running per worker; the rest queue", parse=int)
+    # -- scheduling ----------------------------------------------------------------------------
+    max_num_batched_tokens: int | None = _opt("--max-num-batched-tokens", "MAX_NUM_BATCHED_TOKENS",
+                                              None, "tokens per step (default: max(context, 2048))",
+                                              parse=parse_optional_int)
+    max_num_seqs: int = _opt("--max-num-seqs", "MAX_NUM_SEQS", 256, "sequences per step",
+                             parse=int)
+    block_size: int = _opt("--block-size", "BLOCK_SIZE", 16, "tokens per KV cache block",
+                           parse=int)
+    kv_cache_memory: int = _opt("--kv-cache-memory", "KV_CACHE_MEMORY", 2 * GiB,
+                                "KV cache size on CPU, e.g. 2GiB", parse=parse_bytes)
+    gpu_memory_utilization: float = _opt(["--gpu-memory-utilization", "--gpu_memory_utilization"],
+                                         "GPU_MEMORY_UTILIZATION", 0.9,
+                                         "share of GPU memory for weights, activations and KV cache",
+                                         parse=float)
+    enable_prefix_caching: bool = _opt("--enable-prefix-caching", "ENABLE_PREFIX_CACHING", True,
+                                       "share the KV blocks of repeated prompt prefixes",
+                                       parse=parse_bool, is_flag=True)
+    enforce_eager: bool = _opt("--enforce-eager", "ENFORCE_EAGER", True,
+                               "no CUDA graphs (spec default 1); 0 captures decode steps",
+                               parse=parse_bool, is_flag=True)
+    use_v2_block_manager: bool = _opt("--use-v2-block-manager", None, False,
+                                      "accepted for vLLM compatibility (always paged)",
+                                      parse=parse_bool, is_flag=True)
+    # -- lookahead -----------------------------------------------------------------------------
+    use_lookahead: bool = _opt("--use-lookahead", "USE_LOOKAHEAD", False,
+                               "lookahead parallel decoding (0, 1, true, false)",
+                               parse=parse_bool, is_flag=True)
+    num_speculative_tokens: int = _opt("--num-speculative-tokens", "NUM_SPECULATIVE_TOKENS", 8,
+                                       "draft length of one lookahead", parse=int)
+    # -- server --------------------------------------------------------------------------------
+    host: str = _opt("--host", "HOST", "0.0.0.0", "address to listen on")
+    port: int = _opt("--port", "PORT", 8501, "port to listen on", parse=int)
+    api_keys: tuple[str, ...] = _opt("--api-keys", "OPENAI_API_KEYS", (),
+                                     "comma-separated bearer tokens; enables auth",
+                                     parse=lambda s: tuple(k.strip() for k in s.split(",") if k.strip()))
+    # -- the DeepSpeed image's dynamic batching (parsed; implemented with its scheduler) --------
+    ds_dtype: str = _opt("--ds-dtype", "DS_DTYPE", "float16",
+                         "DeepSpeed-image dtype: float16, bfloat16, int8",
+                         choices=["float16", "bfloat16", "int8"])
+    max_batch_size: int = _opt("--max-batch-size", "MAX_BATCH_SIZE", 16,
+                               "DeepSpeed-image: requests per dynamic batch", parse=int)
+    batch_wait_timeout: float = _opt("--batch-wait-timeout", "BATCH_WAIT_TIMEOUT", 0.1,
+                                     "DeepSpeed-image: seconds to gather a batch", parse=float)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> Config:
+        d = dict(d)
+        d["api_keys"] = tuple(d.get("api_keys", ()))
+        return Config(**d)
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_id or "model"
+
+
+def _fields():
+    return [f for f in dataclasses.fields(Config) if f.metadata.get("flags")]
+
+
+def build_parser(prog: str = "shardserve serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Serve a model with an OpenAI-compatible API.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for f in _fields():
+        m = f.metadata
+        env = f"env {m['env']}" if m["env"] else "no env var"
+        default = "auto" if f.default is None else (
+            ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        )
+        help_text = f"{m['help']} [{env}; default: {default}]"
+        kwargs: dict[str, Any] = dict(dest=f.name, help=help_text)
+        if m["is_flag"]:
+            kwargs.update(nargs="?", const="1", metavar="BOOL")
+        if m["choices"]:
+            kwargs["choices"] = m["choices"]
+        parser.add_argument(*m["flags"], **kwargs)
+    return parser
+
+
+def load_config(
+    argv: list[str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Resolve every field: CLI, then env, then ti_model_config.json, then default."""
+    environ = dict(os.environ if environ is None else environ)
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    for f in _fields():
+        m = f.metadata
+        raw, source = None, None
+        if f.name in args:
+            raw, source = args[f.name], m["flags"][0]
+        elif m["env"] and environ.get(m["env"], "") != "":
+            raw, source = environ[m["env"]], m["env"]
+        if source is None:
+            continue
+        try:
+            value = m["parse"](raw)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: {e}") from e
+        if m["choices"] and value not in m["choices"]:
+            raise ConfigError(f"{source}: {value!r} is not one of {', '.join(m['choices'])}")
+        values[f.name] = value
+    values.update(_from_model_file(values.get("model_path", DEFAULT_MODEL_PATH), values))
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def _from_model_file(model_path: str, given: dict) -> dict:
+    """model_id / conv_template from ti_model_config.json, where not given otherwise."""
+    import json
+
+    path = os.path.join(model_path, "ti_model_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        data = json.loads(open(path).read())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    out = {}
+    for f in _fields():
+        key = f.metadata["file_key"]
+        if key and f.name not in given and data.get(key):
+            out[f.name] = str(data[key])
+    return out
+
+
+def validate(c: Config) -> None:
+    def positive(name: str, flag: str, value, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if value is None or value <= 0:
+            raise ConfigError(f"{flag} must be positive, got {value}")
+
+    positive("worker_num", "--worker-num", c.worker_num)
+    positive("limit_worker_concurrency", "--limit-worker-concurrency", c.limit_worker_concurrency)
+    positive("max_num_seqs", "--max-num-seqs", c.max_num_seqs)
+    positive("block_size", "--block-size", c.block_size)
+    positive("kv_cache_memory", "--kv-cache-memory", c.kv_cache_memory)
+    positive("max_model_len", "--max-model-len", c.max_model_len, allow_none=True)
+    positive("max_num_batched_tokens", "--max-num-batched-tokens", c.max_num_batched_tokens,
+             allow_none=True)
+    positive("num_gpus", "--num-gpus", c.num_gpus, allow_none=True)
+    positive("num_speculative_tokens", "--num-speculative-tokens", c.num_speculative_tokens)
+    positive("max_batch_size", "--max-batch-size", c.max_batch_size)
+    if not 0.0 < c.gpu_memory_utilization <= 1.0:
+        raise ConfigError(
+            f"--gpu-memory-utilization must be in (0, 1], got {c.gpu_memory_utilization}"
+        )
+    if c.batch_wait_timeout < 0:
+        raise ConfigError(f"--batch-wait-timeout must be >= 0, got {c.batch_wait_timeout}")
+    if not 0 < c.port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {c.port}")

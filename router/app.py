@@ -1,0 +1,142 @@
+"""The HTTP surface: starlette routes, bearer-token auth, OpenAI-shaped errors.
+
+Nothing malformed reaches the engine: the body is parsed (orjson) and validated (pydantic)
+first, and every failure is answered as {"error": {...}} with its status.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import orjson
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from router.completions import ServingContext, chat_completions, completions, json_response
+from router.engine import EngineDeadError
+from router.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
+
+log = logging.getLogger("shardserve.app")
+
+MAX_BODY_BYTES = 16 * 2**20
+
+
+def _error(e: APIError) -> Response:
+    return json_response(e.body(), e.status)
+
+
+class Router:
+    def __init__(self, ctx: ServingContext | None, api_keys: tuple[str, ...] = ()) -> None:
+        self.ctx = ctx  # None while the shards load
+        self.api_keys = tuple(k.encode() for k in api_keys)
+
+    def _authorize(self, request: Request) -> None:
+        if not self.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode()
+        # Compare against every key so timing says nothing about which (if any) matched.
+        ok = False
+        for key in self.api_keys:
+            ok |= hmac.compare_digest(given, key)
+        if scheme.lower() != "bearer" or not ok:
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                           code="invalid_api_key")
+
+    async def _body(self, request: Request) -> dict:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from e
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        return body
+
+    def _serving(self) -> ServingContext:
+        if self.ctx is None:
+            raise APIError(503, "the model is still loading")
+        if self.ctx.engine.dead:
+            raise APIError(503, self.ctx.engine.dead)
+        return self.ctx
+
+    async def _generate(self, request: Request, model, handler) -> Response:
+        try:
+            self._authorize(request)
+            ctx = self._serving()
+            try:
+                req = model.model_validate(await self._body(request))
+            except ValidationError as e:
+                raise validation_error(e) from e
+            return await handler(ctx, request, req)
+        except APIError as e:
+            return _error(e)
+        except EngineDeadError as e:
+            return _error(APIError(503, str(e)))
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, ChatCompletionRequest, chat_completions)
+
+    async def completion(self, request: Request) -> Response:
+        return await self._generate(request, CompletionRequest, completions)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            ctx = self._serving()
+        except APIError as e:
+            return _error(e)
+        return json_response({"object": "list", "data": [{
+            "id": ctx.model_name, "object": "model", "created": 0, "owned_by": "shardserve",
+            "max_model_len": ctx.max_model_len,
+        }]})
+
+    async def health(self, request: Request) -> Response:
+        if self.ctx is None:
+            return json_response({"status": "loading"}, 503)
+        if self.ctx.engine.dead:
+            return json_response({"status": "dead", "reason": self.ctx.engine.dead}, 503)
+        return json_response({"status": "ok"})
+
+    async def stats(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            ctx = self._serving()
+        except APIError as e:
+            return _error(e)
+        return json_response(ctx.engine.stats())
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return _error(APIError(exc.status_code, exc.detail or "error"))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path)
+    return _error(APIError(500, f"internal error: {type(exc).__name__}"))
+
+
+def create_app(router: Router, lifespan=None) -> Starlette:
+    routes = [
+        Route("/v1/chat/completions", router.chat, methods=["POST"]),
+        Route("/v1/completions", router.completion, methods=["POST"]),
+        Route("/v1/models", router.models, methods=["GET"]),
+        Route("/health", router.health, methods=["GET"]),
+        Route("/stats", router.stats, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        lifespan=lifespan,
+    )

@@ -1,0 +1,200 @@
+"""The async engine: owns request streams and the step loop on the event loop; makes no
+scheduling choice (the scheduler does).
+
+Each request holds a concurrency slot (MAX_CONCURRENCY per worker; the rest wait for one), is
+added to the scheduler, and receives `RequestOutput`s as steps finish. A request whose consumer
+goes away (client disconnect) is aborted and its KV blocks freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from router.detokenize import IncrementalDetokenizer
+from router.engine_core import StepTimes
+from router.params import GenerationParams
+from router.scheduler import Scheduler, SeqUpdate
+from router.sequence import Sequence
+
+log = logging.getLogger("shardserve.engine")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class RequestOutput:
+    text: str  # newly final text
+    token_ids: list[int]  # newly generated tokens
+    logprobs: list[float] | None = None
+    top_logprobs: list | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class _Stream:
+    seq: Sequence
+    detok: IncrementalDetokenizer | None
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+
+class AsyncEngine:
+    def __init__(self, scheduler: Scheduler, shard, tokenizer, max_concurrency: int) -> None:
+        self.scheduler = scheduler
+        self.shard = shard
+        self.tokenizer = tokenizer
+        self.max_concurrency = max_concurrency
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._streams: dict[int, _Stream] = {}
+        self._wake = asyncio.Event()
+        self._ids = itertools.count(1)
+        self._task: asyncio.Task | None = None
+        self.dead: str | None = None
+        self.times = StepTimes()
+        self.num_queued = 0
+        self.finished_by_reason: dict[str, int] = {}
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: GenerationParams,
+        detokenize: bool = True,
+    ) -> AsyncIterator[RequestOutput]:
+        if self.dead:
+            raise EngineDeadError(self.dead)
+        self.num_queued += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.num_queued -= 1
+        seq = Sequence(next(self._ids), request_id, list(prompt_token_ids), params)
+        try:
+            self.scheduler.add(seq)
+            detok = (
+                IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop)
+                if detokenize else None
+            )
+            stream = _Stream(seq, detok)
+            self._streams[seq.seq_id] = stream
+            self._wake.set()
+            while True:
+                out = await stream.queue.get()
+                if isinstance(out, Exception):
+                    raise out
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self._streams.pop(seq.seq_id, None)
+            if not seq.is_finished and self.scheduler.abort(seq.seq_id):
+                log.info("%s aborted: client went away, KV blocks freed", request_id)
+                self._wake.set()
+            self._slots.release()
+
+    async def _loop(self) -> None:
+        try:
+            while True:
+                plan = self.scheduler.schedule()
+                if plan is None:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                t0 = time.perf_counter()
+                result = await self.shard.execute(plan)
+                t1 = time.perf_counter()
+                updates = self.scheduler.update(plan, result)
+                self._publish(updates)
+                if plan.seqs:
+                    tm = self.times
+                    tm.steps += 1
+                    tm.tokens += plan.num_tokens
+                    tm.shard += t1 - t0
+                    tm.forward += result.forward_seconds
+                    tm.update += time.perf_counter() - t1
+                await asyncio.sleep(0)  # let request handlers run between steps
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the shard died or broke its protocol: fail every request
+            self.dead = f"engine stopped: {type(e).__name__}: {e}"
+            log.error("%s", self.dead)
+            for stream in list(self._streams.values()):
+                stream.queue.put_nowait(EngineDeadError(self.dead))
+
+    def _publish(self, updates: list[SeqUpdate]) -> None:
+        now = time.monotonic()
+        for u in updates:
+            stream = self._streams.get(u.seq.seq_id)
+            if stream is None:
+                continue
+            seq = stream.seq
+            if stream.first_token_at is None:
+                stream.first_token_at = now
+            text = ""
+            if stream.detok is not None:
+                text = stream.detok.add_tokens(u.new_token_ids)
+                if stream.detok.stopped_on is not None and not seq.is_finished:
+                    self.scheduler.abort(seq.seq_id, reason="stop")
+                if seq.is_finished:
+                    text += stream.detok.flush()
+            if seq.is_finished:
+                reason = "stop" if seq.finish_reason == "stop" else seq.finish_reason
+                self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
+                log.info(
+                    "%s finished: %s, prompt %d tokens (%d cached), output %d tokens, "
+                    "ttft %.3fs, total %.3fs",
+                    seq.request_id, reason, seq.num_prompt_tokens, seq.num_cached_prompt_tokens,
+                    seq.num_output_tokens, stream.first_token_at - stream.started, now - stream.started,
+                )
+            stream.queue.put_nowait(
+                RequestOutput(
+                    text=text,
+                    token_ids=u.new_token_ids,
+                    logprobs=u.logprobs,
+                    top_logprobs=u.top_logprobs,
+                    finished=seq.is_finished,
+                    finish_reason=seq.finish_reason,
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                    num_output_tokens=seq.num_output_tokens,
+                    num_cached_tokens=seq.num_cached_prompt_tokens,
+                )
+            )
+
+    def stats(self) -> dict:
+        alloc = self.scheduler.allocator
+        queried = max(alloc.num_queried_blocks, 1)
+        return {
+            "running": self.scheduler.num_running,
+            "waiting": self.scheduler.num_waiting,
+            "queued": self.num_queued,
+            "active_requests": len(self._streams),
+            "max_concurrency": self.max_concurrency,
+            "kv_blocks_total": alloc.num_blocks,
+            "kv_blocks_used": alloc.num_used,
+            "kv_blocks_free": alloc.num_free,
+            "prefix_cache_blocks": alloc.num_cached,
+            "prefix_cache_hit_rate": alloc.num_hit_blocks / queried,
+            "preemptions": self.scheduler.num_preemptions,
+            "finished": dict(self.finished_by_reason),
+            "steps": self.times.summary(),
+            "dead": self.dead,
+        }

@@ -1,0 +1,92 @@
+"""Router process entry point: the HTTP server in front of the shards.
+
+    python -m router.server --settings JSON
+
+It listens at once (health answers 503 while loading), connects to the shards, loads the
+tokenizer and template, then serves. A start-up failure exits non-zero; the launcher sees it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+
+import orjson
+import uvicorn
+
+from router.app import Router, create_app
+from router.block_allocator import BlockAllocator
+from router.completions import ServingContext
+from router.engine import AsyncEngine
+from router.scheduler import Scheduler, SchedulerConfig
+from router.settings import RouterSettings
+from router.shard_client import AsyncShardClient
+from router.templates import ChatTemplate
+from router.tokenizer import load_tokenizer
+
+log = logging.getLogger("shardserve.router")
+
+
+async def build_context(s: RouterSettings) -> ServingContext:
+    shard = await AsyncShardClient.connect(s.shard_sockets[0])
+    info = shard.info
+    tokenizer = await asyncio.to_thread(load_tokenizer, s.model_path, s.trust_remote_code)
+    template = ChatTemplate.create(s.conv_template, tokenizer, info.eos_token_ids)
+    scheduler = Scheduler(
+        SchedulerConfig(
+            max_num_batched_tokens=s.max_num_batched_tokens,
+            max_num_seqs=s.max_num_seqs,
+            max_model_len=info.max_model_len,
+            eos_token_ids=info.eos_token_ids,
+            watermark_blocks=max(1, info.num_blocks // 100),
+        ),
+        BlockAllocator(info.num_blocks, info.block_size, s.enable_prefix_caching),
+    )
+    engine = AsyncEngine(scheduler, shard, tokenizer, s.max_concurrency)
+    engine.start()
+    log.info(
+        "serving %s: template %s, context %d, %d KV blocks of %d tokens, %s attention on %s",
+        s.model_name, template.name, info.max_model_len, info.num_blocks, info.block_size,
+        info.attention_backend, info.device,
+    )
+    return ServingContext(engine, tokenizer, template, s.model_name, info.max_model_len)
+
+
+def make_app(s: RouterSettings):
+    router = Router(None, s.api_keys)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async def load() -> None:
+            try:
+                router.ctx = await build_context(s)
+                log.info("ready on http://%s:%d", s.host, s.port)
+            except Exception as e:  # any start-up failure ends the process; the launcher reports
+                log.error("router failed to start: %s", e)
+                os._exit(1)
+
+        task = asyncio.create_task(load())
+        yield
+        task.cancel()
+        if router.ctx is not None:
+            await router.ctx.engine.stop()
+
+    return create_app(router, lifespan=lifespan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="shardserve router process")
+    parser.add_argument("--settings", required=True, help="RouterSettings as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = RouterSettings.from_dict(orjson.loads(args.settings))
+    uvicorn.run(make_app(s), host=s.host, port=s.port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""What the router process is told by the launcher (the router never reads the environment)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    model_path: str
+    model_name: str
+    shard_sockets: tuple[str, ...]
+    conv_template: str | None = None
+    trust_remote_code: bool = False
+    api_keys: tuple[str, ...] = ()
+    host: str = "0.0.0.0"
+    port: int = 8501
+    max_concurrency: int = 128
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> RouterSettings:
+        d = dict(d)
+        d["shard_sockets"] = tuple(d["shard_sockets"])
+        d["api_keys"] = tuple(d["api_keys"])
+        return RouterSettings(**d)

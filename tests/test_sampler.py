@@ -1,0 +1,435 @@
+"""Sampler on fabricated logits (no model): greedy rows, the distribution each sampled row is
+drawn from (temperature, top-k, top-p, min-p and their order), the draw itself, per-request
+seeds, penalties and logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shards.sampler import Sampler, SeqSamplingState, apply_penalties, sampling_probs
+from shards.wire import SamplingParams
+
+CPU = torch.device("cpu")
+# float32 softmax against a float64 or hand-computed reference
+PROB_TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _logits_from_probs(*probs: float) -> torch.Tensor:
+    """One row of logits whose softmax is `probs` (which must sum to 1)."""
+    return torch.tensor([math.log(p) for p in probs], dtype=torch.float32)[None, :]
+
+
+def _renormalized(probs: list[float], keep: list[int]) -> torch.Tensor:
+    kept = sum(probs[i] for i in keep)
+    out = [probs[i] / kept if i in keep else 0.0 for i in range(len(probs))]
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _reference_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The definition, in float64: temperature, then top-k, top-p, min-p, renormalizing after
+    each filter."""
+    z = row.double() / p.temperature
+    keep = torch.ones_like(z, dtype=torch.bool)
+    if 0 < p.top_k < z.numel():
+        keep[:] = False
+        keep[z.topk(p.top_k).indices] = True
+    probs = z.masked_fill(~keep, float("-inf")).softmax(-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        keep[order[mass_before >= p.top_p]] = False
+        probs = z.masked_fill(~keep, float("-inf")).softmax(-1)
+    if p.min_p > 0:
+        keep &= probs >= p.min_p * probs.max()
+        probs = z.masked_fill(~keep, float("-inf")).softmax(-1)
+    return probs.float()
+
+
+def _states(params: list[SamplingParams], vocab: int, prompts=None) -> list[SeqSamplingState]:
+    prompts = prompts or [[] for _ in params]
+    return [
+        SeqSamplingState.create(p, ids, vocab, CPU) for p, ids in zip(params, prompts, strict=True)
+    ]
+
+
+def _random_logits(rows: int, vocab: int, seed: int, scale: float = 2.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, vocab, generator=g) * scale
+
+
+# ---------------------------------------------------------------- temperature 0 is argmax
+
+
+def test_temperature_zero_rows_take_argmax_in_mixed_batch():
+    vocab = 50
+    logits = _random_logits(6, vocab, seed=0)
+    greedy = SamplingParams(temperature=0.0, top_k=3, top_p=0.5, seed=7)  # filters irrelevant
+    params = [
+        greedy,
+        SamplingParams(temperature=1.5),
+        greedy,
+        SamplingParams(temperature=0.8, top_p=0.9),
+        greedy,
+        SamplingParams(temperature=2.0, seed=3),
+    ]
+    expected = logits.argmax(dim=-1)
+    for sampler_seed in range(5):
+        out = Sampler(vocab, CPU, seed=sampler_seed).sample(logits, _states(params, vocab))
+        for row in (0, 2, 4):
+            assert out.token_ids[row] == int(expected[row])
+
+
+# ---------------------------------------------------------------- the sampled distribution
+
+
+def test_sampling_probs_is_softmax_of_logits_over_temperature():
+    vocab = 40
+    temps = [0.25, 0.7, 1.0, 1.9, 4.0]
+    logits = _random_logits(len(temps), vocab, seed=1)
+    got = sampling_probs(logits, [SamplingParams(temperature=t) for t in temps])
+    expected = torch.stack([(logits[i].double() / t).softmax(-1) for i, t in enumerate(temps)])
+    torch.testing.assert_close(got, expected.float(), **PROB_TOL)
+
+
+def test_top_k_keeps_exactly_the_k_largest_renormalized():
+    vocab = 20
+    g = torch.Generator().manual_seed(2)
+    logits = torch.stack([torch.randperm(vocab, generator=g).float() * 0.3 for _ in range(4)])
+    ks = [1, 2, 5, 19]
+    got = sampling_probs(logits, [SamplingParams(top_k=k) for k in ks])
+    for row, k in enumerate(ks):
+        top = set(logits[row].topk(k).indices.tolist())
+        assert set(got[row].nonzero().flatten().tolist()) == top
+        expected = logits[row].masked_fill(
+            ~torch.isin(torch.arange(vocab), torch.tensor(sorted(top))), float("-inf")
+        )
+        torch.testing.assert_close(got[row], expected.softmax(-1), **PROB_TOL)
+
+
+@pytest.mark.parametrize("disabled", [-1, 0])
+def test_top_k_minus_one_or_zero_is_disabled(disabled):
+    vocab = 30
+    logits = _random_logits(2, vocab, seed=3, scale=1.0)
+    # the second row makes the batch take the top-k path; the first row must stay untouched
+    got = sampling_probs(logits, [SamplingParams(top_k=disabled), SamplingParams(top_k=2)])
+    torch.testing.assert_close(got[0], logits[0].softmax(-1), **PROB_TOL)
+
+
+def test_top_k_at_least_vocab_is_disabled():
+    vocab = 12
+    logits = _random_logits(2, vocab, seed=4, scale=1.0)
+    got = sampling_probs(logits, [SamplingParams(top_k=vocab), SamplingParams(top_k=vocab + 5)])
+    torch.testing.assert_close(got, logits.softmax(-1), **PROB_TOL)
+
+
+@pytest.mark.parametrize(
+    ("top_p", "kept"),
+    [(0.3, 1), (0.49, 1), (0.51, 2), (0.7, 2), (0.79, 2), (0.81, 3), (0.94, 3), (0.96, 4)],
+)
+def test_top_p_keeps_smallest_prefix_reaching_top_p(top_p, kept):
+    # probs in vocab order, deliberately not sorted: descending order is 1, 3, 0, 2
+    probs = [0.15, 0.5, 0.05, 0.3]
+    by_prob = [1, 3, 0, 2]
+    got = sampling_probs(_logits_from_probs(*probs), [SamplingParams(top_p=top_p)])
+    torch.testing.assert_close(got[0], _renormalized(probs, by_prob[:kept]), **PROB_TOL)
+
+
+def test_top_p_one_is_disabled():
+    probs = [0.15, 0.5, 0.05, 0.3]
+    got = sampling_probs(_logits_from_probs(*probs), [SamplingParams(top_p=1.0)])
+    torch.testing.assert_close(got[0], torch.tensor(probs), **PROB_TOL)
+
+
+def test_top_p_one_keeps_tiny_tokens_when_another_row_filters():
+    logits = torch.tensor([[10.0, 0.0, -10.0], [10.0, 0.0, -10.0]])
+    got = sampling_probs(logits, [SamplingParams(), SamplingParams(top_p=0.9)])
+    assert got[0, 2] > 0
+    torch.testing.assert_close(got[0], logits[0].softmax(-1), rtol=1e-5, atol=0.0)
+
+
+def test_top_p_applies_to_top_k_renormalized_distribution():
+    # top-3 renormalized: 0.444, 0.333, 0.222 -> mass before the third is 0.778 >= 0.75: keep 2.
+    # (on the raw distribution the mass before the third is 0.7 < 0.75, which would keep 3)
+    probs = [0.4, 0.3, 0.2, 0.1]
+    got = sampling_probs(_logits_from_probs(*probs), [SamplingParams(top_k=3, top_p=0.75)])
+    torch.testing.assert_close(got[0], _renormalized(probs, [0, 1]), **PROB_TOL)
+
+
+@pytest.mark.parametrize(
+    ("min_p", "kept"), [(0.05, [0, 1, 2, 3, 4]), (0.2, [0, 1, 2]), (0.6, [0, 1])]
+)
+def test_min_p_removes_tokens_below_min_p_times_max_prob(min_p, kept):
+    # thresholds: 0.02 (keeps all), 0.08 (drops 0.06, 0.04), 0.24 (drops 0.2 too)
+    probs = [0.4, 0.3, 0.2, 0.06, 0.04]
+    got = sampling_probs(_logits_from_probs(*probs), [SamplingParams(min_p=min_p)])
+    torch.testing.assert_close(got[0], _renormalized(probs, kept), **PROB_TOL)
+
+
+def test_temperature_applies_before_top_p():
+    # at T=0.5 the probs are 0.783, 0.196, 0.022: top_p 0.65 keeps one token
+    # (on the T=1 distribution 0.6, 0.3, 0.1 it would keep two)
+    logits = _logits_from_probs(0.6, 0.3, 0.1)
+    got = sampling_probs(logits, [SamplingParams(temperature=0.5, top_p=0.65)])
+    torch.testing.assert_close(got[0], torch.tensor([1.0, 0.0, 0.0]), **PROB_TOL)
+
+
+def test_temperature_applies_before_min_p():
+    # ratio to the max: exp(-1.5) = 0.22 at T=1, exp(-0.75) = 0.47 at T=2; min_p 0.3 keeps both
+    logits = torch.tensor([[0.0, -1.5]])
+    got = sampling_probs(logits, [SamplingParams(temperature=2.0, min_p=0.3)])
+    torch.testing.assert_close(got[0], (logits[0] / 2.0).softmax(-1), **PROB_TOL)
+
+
+def test_min_p_applies_after_top_p():
+    # top_p 0.75 keeps 0.4, 0.3, 0.2 (mass before 0.2 is 0.7); min_p 0.3 then drops nothing more
+    # (threshold 0.12 of the top-p distribution is the same ratio). Min-p first would drop 0.1
+    # and, renormalized, top_p 0.75 would then keep only two tokens.
+    probs = [0.4, 0.3, 0.2, 0.1]
+    got = sampling_probs(_logits_from_probs(*probs), [SamplingParams(top_p=0.75, min_p=0.3)])
+    torch.testing.assert_close(got[0], _renormalized(probs, [0, 1, 2]), **PROB_TOL)
+
+
+def test_combined_filters_match_definition_in_order():
+    vocab = 24
+    params = [
+        SamplingParams(temperature=0.6, top_k=10, top_p=0.8, min_p=0.1),
+        SamplingParams(temperature=1.7, top_k=6, top_p=0.9, min_p=0.05),
+        SamplingParams(temperature=1.0, top_k=-1, top_p=0.6, min_p=0.2),
+        SamplingParams(temperature=2.5, top_k=15, top_p=1.0, min_p=0.3),
+        SamplingParams(temperature=0.9, top_k=4, top_p=0.5, min_p=0.0),
+        SamplingParams(temperature=1.3),
+    ]
+    logits = _random_logits(len(params), vocab, seed=5)
+    got = sampling_probs(logits, params)
+    expected = torch.stack([_reference_probs(logits[i], p) for i, p in enumerate(params)])
+    torch.testing.assert_close(got, expected, **PROB_TOL)
+
+
+# ---------------------------------------------------------------- the draw
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, top_k=6, top_p=0.9, min_p=0.05),
+    ],
+    ids=["plain", "filtered"],
+)
+def test_draw_frequencies_match_sampling_probs(params):
+    vocab, draws = 8, 20_000
+    row = torch.tensor([[1.0, 0.5, 0.2, 0.0, -0.3, -0.8, -1.5, -2.5]])
+    expected = sampling_probs(row, [params])[0]
+    out = Sampler(vocab, CPU, seed=1234).sample(
+        row.expand(draws, vocab).contiguous(), _states([params] * draws, vocab)
+    )
+    freq = torch.bincount(torch.tensor(out.token_ids), minlength=vocab).float() / draws
+    assert (freq - expected).abs().max() < 0.02
+    assert freq[expected == 0].sum() == 0  # filtered tokens are never drawn
+
+
+# ---------------------------------------------------------------- per-request seeds
+
+
+SEEDED_VOCAB = 32
+SEEDED_STEPS = 12
+
+
+def _seeded_run(seeded: SamplingParams, steps, sampler_seed: int) -> list[int]:
+    """Tokens of the `seeded` row over len(steps) sampling steps. steps[s] is (params of the
+    other rows, index of the seeded row among them) at step s. The seeded row's logits at step
+    s are the same in every run; the other rows get different logits per batch size."""
+    vocab = SEEDED_VOCAB
+    state = SeqSamplingState.create(seeded, [], vocab, CPU)
+    sampler = Sampler(vocab, CPU, seed=sampler_seed)
+    tokens = []
+    for step, (others, target) in enumerate(steps):
+        states = _states(others, vocab)
+        states.insert(target, state)
+        logits = _random_logits(len(states), vocab, seed=1000 + 31 * step + len(states), scale=1.0)
+        logits[target] = _random_logits(1, vocab, seed=step, scale=1.0)[0]
+        tokens.append(sampler.sample(logits, states).token_ids[target])
+    return tokens
+
+
+SEEDED = SamplingParams(temperature=0.9, seed=42)
+ALONE = [([], 0)] * SEEDED_STEPS
+
+
+def test_seeded_row_gives_same_tokens_beside_other_rows():
+    others = [SamplingParams(), SamplingParams(temperature=1.3, seed=7)]
+    alone = _seeded_run(SEEDED, ALONE, sampler_seed=0)
+    beside = _seeded_run(SEEDED, [(others, 1)] * SEEDED_STEPS, sampler_seed=1)
+    assert alone == beside
+    assert len(set(alone)) > 1  # the row really samples
+
+
+def test_seeded_row_gives_same_tokens_as_batch_changes_between_steps():
+    # greedy rows before it, seeded filtered rows and unseeded rows after it, sizes vary per step
+    steps = [
+        (
+            [SamplingParams(temperature=0.0)] * (s % 3)
+            + [SamplingParams(top_k=3, top_p=0.8, seed=s)] * (s % 4)
+            + [SamplingParams(min_p=0.1)] * (s % 2),
+            s % 3,
+        )
+        for s in range(SEEDED_STEPS)
+    ]
+    alone = _seeded_run(SEEDED, ALONE, sampler_seed=0)
+    assert _seeded_run(SEEDED, steps, sampler_seed=99) == alone
+
+
+def test_different_seeds_give_different_tokens():
+    a = _seeded_run(SamplingParams(temperature=0.9, seed=42), ALONE, sampler_seed=0)
+    b = _seeded_run(SamplingParams(temperature=0.9, seed=43), ALONE, sampler_seed=0)
+    assert a != b
+
+
+# ---------------------------------------------------------------- penalties
+
+
+def _penalty_state(params: SamplingParams, prompt: list[int], counts: dict[int, int], vocab: int):
+    state = SeqSamplingState.create(params, prompt, vocab, CPU)
+    for token, n in counts.items():
+        state.output_counts[token] = n
+    return state
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
+    logits = torch.tensor([[2.0, -1.0, 3.0, -0.5, 1.0, -2.0, 0.0]])
+    # prompt: 0 (positive), 1 (negative); generated: 2 (positive), 3 (negative, twice)
+    state = _penalty_state(SamplingParams(repetition_penalty=2.0), [0, 1], {2: 1, 3: 2}, 7)
+    got = apply_penalties(logits, [state])
+    expected = torch.tensor([[1.0, -2.0, 1.5, -1.0, 1.0, -2.0, 0.0]])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_frequency_and_presence_penalties_count_generated_tokens_only():
+    logits = torch.tensor([[2.0, -1.0, 3.0, -0.5, 1.0]])
+    # prompt holds 0 and 2; generated: 2 once, 3 three times, 4 never
+    params = SamplingParams(frequency_penalty=0.25, presence_penalty=0.5)
+    state = _penalty_state(params, [0, 2], {2: 1, 3: 3}, 5)
+    got = apply_penalties(logits, [state])
+    expected = torch.tensor([[2.0, -1.0, 3.0 - 0.25 - 0.5, -0.5 - 0.75 - 0.5, 1.0]])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_repetition_penalty_applies_before_frequency_and_presence():
+    logits = torch.tensor([[4.0, -1.0, 2.0]])
+    params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=1.0)
+    state = _penalty_state(params, [2], {0: 2, 1: 1}, 3)
+    got = apply_penalties(logits, [state])
+    expected = torch.tensor([[4.0 / 2 - 1.0 - 1.0, -1.0 * 2 - 0.5 - 1.0, 2.0 / 2]])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_penalties_leave_other_rows_and_input_unchanged():
+    logits = _random_logits(3, 6, seed=6)
+    before = logits.clone()
+    params = [SamplingParams(), SamplingParams(repetition_penalty=1.5), SamplingParams()]
+    states = _states(params, 6, prompts=[[], [0, 1, 2, 3, 4, 5], []])
+    got = apply_penalties(logits, states)
+    torch.testing.assert_close(logits, before, rtol=0, atol=0)
+    torch.testing.assert_close(got[[0, 2]], before[[0, 2]], rtol=0, atol=0)
+    assert not torch.equal(got[1], before[1])
+
+
+def test_sample_increments_output_counts_of_sampled_token():
+    vocab = 10
+    logits = _random_logits(2, vocab, seed=7)
+    params = [
+        SamplingParams(temperature=0.0, frequency_penalty=0.1),
+        SamplingParams(temperature=1.0, presence_penalty=0.1),
+    ]
+    states = _states(params, vocab, prompts=[[1, 2], [3]])
+    sampler = Sampler(vocab, CPU, seed=0)
+    seen = [[], []]
+    for _ in range(5):
+        out = sampler.sample(logits, states)
+        for row, token in enumerate(out.token_ids):
+            seen[row].append(token)
+    for row, state in enumerate(states):
+        expected = torch.bincount(torch.tensor(seen[row]), minlength=vocab).to(torch.int32)
+        torch.testing.assert_close(state.output_counts, expected, rtol=0, atol=0)
+
+
+def test_sample_penalizes_tokens_it_generated_before():
+    # greedy with a frequency penalty of 1.5: token 0 wins, then is penalized below token 1
+    logits = torch.tensor([[3.0, 2.0, 0.0]])
+    state = SeqSamplingState.create(
+        SamplingParams(temperature=0.0, frequency_penalty=1.5), [], 3, CPU
+    )
+    sampler = Sampler(3, CPU, seed=0)
+    tokens = [sampler.sample(logits, [state]).token_ids[0] for _ in range(3)]
+    assert tokens == [0, 1, 0]  # 3-1.5=1.5 < 2; then 2-1.5=0.5 < 1.5
+
+
+# ---------------------------------------------------------------- logprobs
+
+
+def test_chosen_logprob_is_of_raw_logits_before_penalties_and_temperature():
+    vocab = 16
+    logits = _random_logits(3, vocab, seed=8)
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=3.0, logprobs=0),
+        SamplingParams(temperature=0.4, top_k=4, frequency_penalty=1.0, logprobs=2),
+        SamplingParams(temperature=1.8, logprobs=5),
+    ]
+    top = int(logits[0].argmax())
+    states = _states(params, vocab, prompts=[[top], [], []])  # penalizes row 0's argmax
+    states[1].output_counts[logits[1].argmax()] = 3
+    out = Sampler(vocab, CPU, seed=0).sample(logits, states)
+    raw = logits.double().log_softmax(-1)
+    expected = [float(raw[row, t]) for row, t in enumerate(out.token_ids)]
+    torch.testing.assert_close(
+        torch.tensor(out.logprobs), torch.tensor(expected), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_top_logprobs_lists_k_best_in_descending_order():
+    vocab = 16
+    logits = _random_logits(2, vocab, seed=9)
+    params = [
+        SamplingParams(temperature=0.7, presence_penalty=2.0, logprobs=3),
+        SamplingParams(temperature=0.0, logprobs=6),
+    ]
+    out = Sampler(vocab, CPU, seed=0).sample(logits, _states(params, vocab))
+    raw = logits.double().log_softmax(-1)
+    for row, k in enumerate([3, 6]):
+        entries = out.top_logprobs[row]
+        ids = [i for i, _ in entries]
+        values = torch.tensor([v for _, v in entries], dtype=torch.float64)
+        assert ids == raw[row].topk(k).indices.tolist()
+        assert bool((values[:-1] >= values[1:]).all())
+        torch.testing.assert_close(values, raw[row, ids], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_without_logprobs_get_no_top_logprobs():
+    vocab = 8
+    logits = _random_logits(3, vocab, seed=10)
+    params = [SamplingParams(), SamplingParams(logprobs=2), SamplingParams(temperature=0.0)]
+    out = Sampler(vocab, CPU, seed=0).sample(logits, _states(params, vocab))
+    assert out.top_logprobs[0] is None
+    assert out.top_logprobs[2] is None
+    assert len(out.top_logprobs[1]) == 2
+
+
+def test_logprobs_zero_returns_chosen_logprob_without_top_list():
+    vocab = 8
+    logits = _random_logits(1, vocab, seed=11)
+    out = Sampler(vocab, CPU, seed=0).sample(logits, _states([SamplingParams(logprobs=0)], vocab))
+    expected = float(logits[0].double().log_softmax(-1)[out.token_ids[0]])
+    assert out.logprobs[0] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert not out.top_logprobs[0]
+
+
+def test_no_logprobs_when_no_row_asks():
+    vocab = 8
+    logits = _random_logits(2, vocab, seed=12)
+    params = [SamplingParams(), SamplingParams(temperature=0.0)]
+    out = Sampler(vocab, CPU, seed=0).sample(logits, _states(params, vocab))
+    assert out.logprobs is None
+    assert out.top_logprobs is None

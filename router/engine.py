@@ -107,6 +107,7 @@ class AsyncEngine:
         finally:
             self._streams.pop(seq.seq_id, None)
             if not seq.is_finished and self.scheduler.abort(seq.seq_id):
+                self._count_finish("abort")
                 log.info("%s aborted: client went away, KV blocks freed", request_id)
                 self._wake.set()
             self._slots.release()
@@ -157,8 +158,8 @@ class AsyncEngine:
                 if seq.is_finished:
                     text += stream.detok.flush()
             if seq.is_finished:
-                reason = "stop" if seq.finish_reason == "stop" else seq.finish_reason
-                self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
+                reason = seq.finish_reason
+                self._count_finish(reason)
                 log.info(
                     "%s finished: %s, prompt %d tokens (%d cached), output %d tokens, "
                     "ttft %.3fs, total %.3fs",
@@ -178,6 +179,9 @@ class AsyncEngine:
                     num_cached_tokens=seq.num_cached_prompt_tokens,
                 )
             )
+
+    def _count_finish(self, reason: str) -> None:
+        self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
 
     def stats(self) -> dict:
         alloc = self.scheduler.allocator

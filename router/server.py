@@ -1,6 +1,6 @@
 """Router process entry point: the HTTP server in front of the shards.
 
-    python -m router.server --settings JSON
+    SHARDSERVE_ROUTER_SETTINGS=JSON python -m router.server
 
 It listens at once (health answers 503 while loading), connects to the shards, loads the
 tokenizer and template, then serves. A start-up failure exits non-zero; the launcher sees it.
@@ -23,7 +23,7 @@ from router.block_allocator import BlockAllocator
 from router.completions import ServingContext
 from router.engine import AsyncEngine
 from router.scheduler import Scheduler, SchedulerConfig
-from router.settings import RouterSettings
+from router.settings import SETTINGS_ENV, RouterSettings
 from router.shard_client import AsyncShardClient
 from router.templates import ChatTemplate
 from router.tokenizer import load_tokenizer
@@ -79,11 +79,12 @@ def make_app(s: RouterSettings):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="shardserve router process")
-    parser.add_argument("--settings", required=True, help="RouterSettings as JSON")
-    args = parser.parse_args(argv)
+    parser = argparse.ArgumentParser(
+        description=f"shardserve router process; reads RouterSettings JSON from ${SETTINGS_ENV}"
+    )
+    parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    s = RouterSettings.from_dict(orjson.loads(args.settings))
+    s = RouterSettings.from_dict(orjson.loads(os.environ.pop(SETTINGS_ENV)))
     uvicorn.run(make_app(s), host=s.host, port=s.port, log_level="warning", access_log=False)
     return 0
 

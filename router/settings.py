@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+SETTINGS_ENV = "SHARDSERVE_ROUTER_SETTINGS"
+
 
 @dataclass(frozen=True)
 class RouterSettings:

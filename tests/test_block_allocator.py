@@ -54,7 +54,7 @@ def test_shared_cached_block_is_freed_only_when_last_holder_frees():
 def test_lookup_returns_longest_cached_prefix():
     alloc = BlockAllocator(8, block_size=4)
     blocks = alloc.allocate(3)
-    for b, h in zip(blocks, [10, 11, 12]):
+    for b, h in zip(blocks, [10, 11, 12], strict=True):
         alloc.commit(b, h)
     assert alloc.lookup([10, 11, 12]) == blocks
     assert alloc.lookup([10, 11, 99, 12]) == blocks[:2]  # stops at the first miss
@@ -134,7 +134,7 @@ def test_free_releases_blocks_in_reverse_order():
 def test_tail_blocks_are_evicted_before_prefix_blocks():
     alloc, blocks = _full(4)
     hashes = [1, 2, 3, 4]  # a chain: block i's hash covers blocks 0..i
-    for b, h in zip(blocks, hashes):
+    for b, h in zip(blocks, hashes, strict=True):
         alloc.commit(b, h)
     alloc.free(blocks)  # one sequence's whole table
     alloc.allocate(2)  # evicts the last two blocks

@@ -12,8 +12,8 @@ import pytest
 from router.block_allocator import BlockAllocator
 from router.params import GenerationParams
 from router.scheduler import Scheduler, SchedulerConfig
-from router.sequence import Sequence, SeqStatus
-from shards.wire import SamplingParams, SeqOutput, StepPlan, StepResult
+from router.sequence import SeqStatus, Sequence
+from shards.wire import SamplingParams, ScheduledSeq, SeqOutput, StepPlan, StepResult
 
 EOS = 2
 TOKEN = 50  # an ordinary output token
@@ -44,11 +44,13 @@ def _seq(seq_id: int, prompt: int | list[int], max_tokens: int = 16, **kw) -> Se
 
 
 def _result(sched: Scheduler, plan: StepPlan, token: int | TokenFn = TOKEN) -> StepResult:
+    """What a shard answers: one token per chunk that samples (aborted sequences included)."""
+    pick = token if callable(token) else (lambda seq: token)
     outputs = []
     for s in plan.seqs:
         if s.sample:
-            t = token(sched.seqs[s.seq_id]) if callable(token) else token
-            outputs.append(SeqOutput(s.seq_id, [t]))
+            seq = sched.seqs.get(s.seq_id)  # None if aborted while the step ran
+            outputs.append(SeqOutput(s.seq_id, [pick(seq) if seq is not None else TOKEN]))
     return StepResult(plan.step_id, outputs)
 
 
@@ -61,11 +63,13 @@ def _step(sched: Scheduler, token: int | TokenFn = TOKEN) -> StepPlan | None:
 
 def _run(sched: Scheduler, token: int | TokenFn = TOKEN, max_steps: int = 10_000) -> list[StepPlan]:
     plans = []
-    while sched.has_unfinished():
-        assert len(plans) < max_steps, "no progress"
+    for _ in range(max_steps):
+        if not sched.has_unfinished():
+            break
         plan = _step(sched, token)
         if plan is not None:
             plans.append(plan)
+    assert not sched.has_unfinished(), "no progress"
     return plans
 
 
@@ -128,6 +132,10 @@ def _simulate(
     after each update(), with random arrivals and (optionally) random aborts in between."""
     rng = random.Random(seed)
     sched, arrivals = _workload(rng)
+
+    def token(seq: Sequence) -> int:
+        return EOS if rng.random() < 0.05 else rng.randrange(10, 14)
+
     step = 0
     while arrivals or sched.has_unfinished():
         assert step < 5000, f"seed {seed}: no progress"
@@ -140,16 +148,13 @@ def _simulate(
         if plan is not None:
             if sched.seqs and rng.random() < abort_rate:  # aborted while the step runs
                 sched.abort(rng.choice(list(sched.seqs)))
-
-            def token(seq: Sequence) -> int:
-                return EOS if rng.random() < 0.05 else rng.randrange(10, 14)
-
             sched.update(plan, _result(sched, plan, token))
             yield "update", sched, plan
         step += 1
+    yield "plan", sched, sched.schedule()  # the last finished ids go out with one more plan
 
 
-SEEDS = range(150)
+SEEDS = range(300)
 
 
 def test_step_tokens_never_exceed_budget():
@@ -194,6 +199,20 @@ def test_sample_flag_set_exactly_when_chunk_reaches_end_of_known_tokens():
                     assert s.sample == reaches_end, f"seed {seed}"
 
 
+def test_no_preemption_when_cache_holds_every_running_seq():
+    for seed in SEEDS:
+        rng = random.Random(seed)
+        sched, arrivals = _workload(rng)
+        cfg, bs = sched.config, sched.block_size
+        enough = cfg.max_num_seqs * -(-cfg.max_model_len // bs)
+        sched.allocator = BlockAllocator(enough, bs, sched.allocator.enable_prefix_caching)
+        for seqs in arrivals.values():
+            for seq in seqs:
+                sched.add(seq)
+        _run(sched, lambda seq, rng=rng: rng.randrange(10, 14))
+        assert sched.num_preemptions == 0, f"seed {seed}"
+
+
 def test_block_conservation_with_random_aborts():
     for seed in SEEDS:
         for _, sched, _ in _simulate(seed, abort_rate=0.1):
@@ -203,11 +222,31 @@ def test_block_conservation_with_random_aborts():
                 raise AssertionError(f"seed {seed}: {e}") from e
 
 
+def test_cached_and_resumed_blocks_hold_the_kv_a_seq_attends_to():
+    """A fake paged KV cache: each step writes, at every position of a chunk and through its
+    block table, what real K/V depends on (the token, its position and its whole prefix). Every
+    position before a chunk must then hold the sequence's own K/V, so prefix-cache hits, revived
+    blocks and pre-emption never hand out foreign or stale entries."""
+    for seed in SEEDS:
+        kv: dict[int, dict[int, tuple[int, ...]]] = {}
+        for phase, sched, plan in _simulate(seed, abort_rate=0.05):
+            if phase != "plan" or plan is None:
+                continue
+            bs = sched.block_size
+            for s in plan.seqs:
+                tokens = sched.seqs[s.seq_id].token_ids
+                for pos in range(s.start_pos):
+                    held = kv.get(s.block_table[pos // bs], {}).get(pos % bs)
+                    assert held == tuple(tokens[: pos + 1]), f"seed {seed}: position {pos}"
+            for s in plan.seqs:
+                tokens = sched.seqs[s.seq_id].token_ids
+                for pos in range(s.start_pos, s.start_pos + len(s.token_ids)):
+                    kv.setdefault(s.block_table[pos // bs], {})[pos % bs] = tuple(tokens[: pos + 1])
+
+
 def test_all_blocks_free_after_every_workload_completes():
     for seed in SEEDS:
-        sched = None
-        for _, sched, _ in _simulate(seed, abort_rate=0.05):
-            pass
+        *_, (_, sched, _) = _simulate(seed, abort_rate=0.05)
         assert sched.allocator.num_used == 0, f"seed {seed}"
         assert sched.seqs == {} and not sched.running and not sched.waiting, f"seed {seed}"
 
@@ -277,17 +316,17 @@ def test_decodes_run_every_step_while_long_prompt_prefills():
     assert max(long_chunks) == 6  # what the two decodes leave of the budget
 
 
-def test_decodes_are_served_before_prompt_chunks_of_older_seqs():
-    sched = _sched(budget=4)
-    sched.add(_seq(1, 40))  # older, still in its prompt
-    sched.add(_seq(2, 2, max_tokens=20))
-    # seq 2 cannot be admitted until seq 1 leaves budget; step until it decodes.
-    while sched.seqs[2].num_tokens - sched.seqs[2].num_computed != 1:
-        _step(sched)
-    assert sched.seqs[1].num_computed < 40
+def test_prompt_chunk_shrinks_to_free_blocks_instead_of_preempting():
+    sched = _sched(num_blocks=4, budget=9, max_model_len=16)
+    sched.add(_seq(1, 3))  # 1 block
+    sched.add(_seq(2, 15))
+    plan = _step(sched)
+    assert [len(s.token_ids) for s in plan.seqs] == [3, 6]  # seq 2 holds 2 blocks, 1 free
     plan = sched.schedule()
-    assert plan.seqs[0].seq_id == 2
-    assert [len(s.token_ids) for s in plan.seqs] == [1, 3]
+    # The budget leaves 8 tokens for seq 2, but its 2 blocks + the free one hold only 6 more.
+    assert [(s.seq_id, len(s.token_ids)) for s in plan.seqs] == [(1, 1), (2, 6)]
+    assert sched.num_preemptions == 0
+    assert sched.allocator.num_free == 0
 
 
 def test_waiting_seqs_admitted_first_come_first_served():
@@ -323,25 +362,24 @@ def test_running_seqs_capped_at_max_num_seqs():
 
 def test_admission_respects_watermark_blocks():
     sched = _sched(num_blocks=8, max_model_len=32, watermark=2)
-    sched.add(_seq(1, 7, max_tokens=1))  # 2 blocks
+    sched.add(_seq(1, 7, max_tokens=4))  # 2 blocks
     _step(sched)
     sched.add(_seq(2, 20, max_tokens=1))  # 5 blocks; 6 free but 2 are held back
     sched.add(_seq(3, 4, max_tokens=1))
-    assert sched.schedule() is not None
+    plan = _step(sched)
+    assert [s.seq_id for s in plan.seqs] == [1]
     assert sched.seqs[2].status is SeqStatus.WAITING
     _run(sched)
     assert sched.allocator.num_used == 0
 
 
-@pytest.mark.xfail(
-    reason="BUG: _admit never admits a first chunk that needs more than num_blocks - "
-    "watermark_blocks blocks, even with nothing running: schedule() returns None forever",
-    strict=True,
-)
-def test_prompt_that_fits_the_cache_is_scheduled_despite_watermark():
+def test_watermark_does_not_hold_back_a_prompt_when_nothing_runs():
     sched = _sched(num_blocks=4, max_model_len=16, watermark=1)
-    sched.add(_seq(1, 15, max_tokens=1))  # 4 blocks: fits the cache, which is otherwise empty
-    _run(sched, max_steps=100)
+    seq = _seq(1, 15, max_tokens=1)  # 4 blocks: the whole cache
+    sched.add(seq)
+    plan = sched.schedule()
+    assert plan is not None and [s.seq_id for s in plan.seqs] == [1]
+    assert len(seq.block_ids) == 4
 
 
 # -- pre-emption ---------------------------------------------------------------------------------
@@ -392,16 +430,32 @@ def test_preempted_seq_resumes_and_finishes():
     assert sched.allocator.num_used == 0
 
 
-def test_resumed_seq_recomputes_its_generated_tokens():
+def _step_until_resumed(sched: Scheduler, seq: Sequence) -> ScheduledSeq:
+    """Step until the pre-empted `seq` is scheduled again; its chunk in that step."""
+    _step(sched, _counting_tokens)  # the step that pre-empts it
+    assert seq.status is SeqStatus.WAITING
+    while True:
+        plan = sched.schedule()
+        if seq.seq_id in _by_id(plan):
+            return _by_id(plan)[seq.seq_id]
+        sched.update(plan, _result(sched, plan, _counting_tokens))
+
+
+def test_resumed_seq_recomputes_its_generated_tokens_from_cached_prefix():
     sched, a, b = _two_seqs_that_outgrow_the_cache()
-    sched.update(sched.schedule(), StepResult(0, [SeqOutput(1, [TOKEN])]))
-    while b.status is SeqStatus.WAITING:
-        plan = _step(sched, _counting_tokens)
-    s = _by_id(plan)[2]
-    # Resumed from its cached full blocks; the chunk runs through its last generated token.
-    assert s.start_pos % 4 == 0
-    assert s.start_pos + len(s.token_ids) == b.num_tokens - 1  # one was sampled by this step
+    s = _step_until_resumed(sched, b)
+    # Its first full block survived in the prefix cache (tail blocks were evicted first).
+    assert s.start_pos == 4
+    assert s.token_ids == b.token_ids[4:]  # prompt tail and both generated tokens
+    assert b.output_token_ids == [100, 101]
     assert s.sample
+
+
+def test_resumed_seq_keeps_cached_prompt_tokens_of_first_admission():
+    sched, a, b = _two_seqs_that_outgrow_the_cache()
+    s = _step_until_resumed(sched, b)
+    assert s.start_pos > 0  # a cache hit on resume ...
+    assert b.num_cached_prompt_tokens == 0  # ... is not a prompt-cache hit for the request
 
 
 def test_new_seq_not_sent_again_after_preemption():
@@ -466,6 +520,26 @@ def test_abort_while_step_runs_ignores_its_result():
     assert sched.allocator.num_free == 16
 
 
+def test_abort_records_the_given_finish_reason():
+    sched = _sched()
+    seq = _seq(1, 10)
+    sched.add(seq)
+    _step(sched)
+    sched.abort(1, reason="stop")  # e.g. a stop string found by the detokenizer
+    assert seq.finish_reason == "stop"
+    assert sched.schedule().finished_seq_ids == [1]
+
+
+def test_abort_of_waiting_seq_removes_it_from_queue():
+    sched = _sched(max_seqs=1)
+    sched.add(_seq(1, 10))
+    sched.add(_seq(2, 10))
+    sched.add(_seq(3, 10))
+    _step(sched)
+    sched.abort(2)
+    assert [s.seq_id for s in sched.waiting] == [3]
+
+
 def test_abort_of_unknown_or_finished_seq_is_noop():
     sched = _sched()
     sched.add(_seq(1, 3, max_tokens=1))
@@ -517,13 +591,13 @@ def test_max_tokens_finishes_with_length():
     sched = _sched()
     seq = _seq(1, 4, max_tokens=7)
     sched.add(seq)
-    updates = []
+    finished = []
     while sched.has_unfinished():
         plan = sched.schedule()
-        updates += sched.update(plan, _result(sched, plan))
+        finished += [u.finished for u in sched.update(plan, _result(sched, plan))]
     assert seq.finish_reason == "length"
     assert seq.num_output_tokens == 7
-    assert [u.finished for u in updates] == [False] * 6 + [True]
+    assert finished == [False] * 6 + [True]
 
 
 def test_max_model_len_finishes_with_length():

@@ -1,0 +1,110 @@
+"""Start the real `shardserve serve` as a subprocess on a free port and talk to it over HTTP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.tiny import build_hf_model, save_checkpoint, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_DEADLINE = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, args: list[str], env: dict | None = None, log_path: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "launcher", "serve", "--host", "127.0.0.1",
+             "--port", str(self.port), *args],
+            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, deadline: float = STARTUP_DEADLINE) -> Server:
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready in {deadline}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path else ""
+
+    def stats(self, **kw) -> dict:
+        return httpx.get(f"{self.url}/stats", timeout=10, **kw).json()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def embedded_folder() -> Path:
+    from launcher.embedded import ensure_embedded_model
+
+    return ensure_embedded_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, embedded_folder) -> Path:
+    """A tiny random Llama that speaks the embedded model's tokenizer (and chat template)."""
+    hf = build_hf_model(tiny_config("llama", vocab_size=49152, eos_token_id=2, bos_token_id=1,
+                                    max_position_embeddings=512))
+    folder = save_checkpoint(hf, tmp_path_factory.mktemp("tiny-llama"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (embedded_folder / name).exists():
+            shutil.copy(embedded_folder / name, folder / name)
+    return folder
+
+
+def start_server(tmp_path_factory, name: str, args: list[str], env: dict | None = None) -> Server:
+    log = tmp_path_factory.mktemp(f"server-{name}") / "server.log"
+    return Server(args, env, log).wait_ready()
+
+
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory):
+    server = start_server(tmp_path_factory, "embedded", ["--kv-cache-memory", "1GiB"],
+                          env={"MODEL_PATH": "/data/model"})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory, tiny_folder):
+    server = start_server(tmp_path_factory, "tiny", ["--model-path", str(tiny_folder),
+                                                     "--kv-cache-memory", "64MiB"])
+    yield server
+    server.stop()

@@ -1,0 +1,45 @@
+"""`shardserve` and `python -m launcher`: serve, chat, bench, bench-engine."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+COMMANDS = {
+    "serve": "serve a model with the OpenAI-compatible API (default)",
+    "bench-engine": "offline engine benchmark against transformers generate",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: shardserve COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:14s} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "`shardserve COMMAND --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    command = "serve"
+    if argv and not argv[0].startswith("-"):
+        command = argv.pop(0)
+    elif argv and argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if command == "serve":
+        from launcher.serve import serve
+
+        return serve(argv)
+    if command == "bench-engine":
+        from launcher.bench_engine import main as bench
+
+        return bench(argv)
+    print(f"unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,15 +27,29 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, args: list[str], env: dict | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict | None = None, log_path: Path | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "launcher", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), *args],
-            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "launcher",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *args,
+            ],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, deadline: float = STARTUP_DEADLINE) -> Server:
@@ -80,8 +94,11 @@ def embedded_folder() -> Path:
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, embedded_folder) -> Path:
     """A tiny random Llama that speaks the embedded model's tokenizer (and chat template)."""
-    hf = build_hf_model(tiny_config("llama", vocab_size=49152, eos_token_id=2, bos_token_id=1,
-                                    max_position_embeddings=512))
+    hf = build_hf_model(
+        tiny_config(
+            "llama", vocab_size=49152, eos_token_id=2, bos_token_id=1, max_position_embeddings=512
+        )
+    )
     folder = save_checkpoint(hf, tmp_path_factory.mktemp("tiny-llama"))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (embedded_folder / name).exists():
@@ -96,15 +113,20 @@ def start_server(tmp_path_factory, name: str, args: list[str], env: dict | None 
 
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory):
-    server = start_server(tmp_path_factory, "embedded", ["--kv-cache-memory", "1GiB"],
-                          env={"MODEL_PATH": "/data/model"})
+    server = start_server(
+        tmp_path_factory,
+        "embedded",
+        ["--kv-cache-memory", "1GiB"],
+        env={"MODEL_PATH": "/data/model"},
+    )
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
 def tiny_server(tmp_path_factory, tiny_folder):
-    server = start_server(tmp_path_factory, "tiny", ["--model-path", str(tiny_folder),
-                                                     "--kv-cache-memory", "64MiB"])
+    server = start_server(
+        tmp_path_factory, "tiny", ["--model-path", str(tiny_folder), "--kv-cache-memory", "64MiB"]
+    )
     yield server
     server.stop()

@@ -13,18 +13,27 @@ BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory, tiny_folder):
-    server = start_server(tmp_path_factory, "auth", ["--model-path", str(tiny_folder),
-                                                     "--kv-cache-memory", "32MiB"],
-                          env={"OPENAI_API_KEYS": ",".join(KEYS)})
+    server = start_server(
+        tmp_path_factory,
+        "auth",
+        ["--model-path", str(tiny_folder), "--kv-cache-memory", "32MiB"],
+        env={"OPENAI_API_KEYS": ",".join(KEYS)},
+    )
     yield server
     server.stop()
 
 
-@pytest.mark.parametrize("headers", [
-    {}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "sk-first"},
-    {"Authorization": "Basic sk-first"}, {"Authorization": "Bearer"},
-    {"Authorization": "Bearer sk-first-but-longer"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer sk-wrong"},
+        {"Authorization": "sk-first"},
+        {"Authorization": "Basic sk-first"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer sk-first-but-longer"},
+    ],
+)
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/v1/models"])
 def test_missing_or_wrong_key_is_401(keyed_server, headers, route):
     if route == "/v1/models":
@@ -38,8 +47,12 @@ def test_missing_or_wrong_key_is_401(keyed_server, headers, route):
 
 @pytest.mark.parametrize("key", KEYS)
 def test_each_key_is_accepted(keyed_server, key):
-    r = httpx.post(f"{keyed_server.url}/v1/chat/completions", json=BODY,
-                   headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    r = httpx.post(
+        f"{keyed_server.url}/v1/chat/completions",
+        json=BODY,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
     assert r.status_code == 200
 
 

@@ -8,8 +8,12 @@ import time
 
 import httpx
 
-LONG = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 400, "ignore_eos": True,
-        "temperature": 0}
+LONG = {
+    "messages": [{"role": "user", "content": "go"}],
+    "max_tokens": 400,
+    "ignore_eos": True,
+    "temperature": 0,
+}
 
 
 def _wait_until(predicate, deadline: float = 60.0) -> bool:
@@ -23,8 +27,9 @@ def _wait_until(predicate, deadline: float = 60.0) -> bool:
 
 
 def test_stream_disconnect_frees_blocks(tiny_server):
-    with httpx.stream("POST", f"{tiny_server.url}/v1/chat/completions",
-                      json={**LONG, "stream": True}, timeout=60) as r:
+    with httpx.stream(
+        "POST", f"{tiny_server.url}/v1/chat/completions", json={**LONG, "stream": True}, timeout=60
+    ) as r:
         lines = r.iter_lines()
         for line in lines:
             if '"content"' in line and '"role"' not in line:
@@ -41,7 +46,8 @@ def test_non_stream_disconnect_frees_blocks(tiny_server):
     sock = socket.create_connection(("127.0.0.1", tiny_server.port))
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
     )
     assert _wait_until(lambda: tiny_server.stats()["kv_blocks_used"] > 0)
     sock.close()

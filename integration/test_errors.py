@@ -50,11 +50,18 @@ BAD_CHAT_BODIES = {
 def test_bad_chat_body_is_a_4xx_json_error(tiny_server, case, stream):
     body = BAD_CHAT_BODIES[case]
     if isinstance(body, dict):
-        r = httpx.post(f"{tiny_server.url}/v1/chat/completions", json={**body, "stream": stream}
-                       if "stream" not in body else body, timeout=60)
+        r = httpx.post(
+            f"{tiny_server.url}/v1/chat/completions",
+            json={**body, "stream": stream} if "stream" not in body else body,
+            timeout=60,
+        )
     else:
-        r = httpx.post(f"{tiny_server.url}/v1/chat/completions", content=body,
-                       headers={"content-type": "application/json"}, timeout=60)
+        r = httpx.post(
+            f"{tiny_server.url}/v1/chat/completions",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert r.headers["content-type"].startswith("application/json")
     error = r.json()["error"]
@@ -74,7 +81,9 @@ BAD_COMPLETION_BODIES = {
 
 @pytest.mark.parametrize("case", sorted(BAD_COMPLETION_BODIES))
 def test_bad_completion_body_is_a_4xx_json_error(tiny_server, case):
-    r = httpx.post(f"{tiny_server.url}/v1/completions", json=BAD_COMPLETION_BODIES[case], timeout=60)
+    r = httpx.post(
+        f"{tiny_server.url}/v1/completions", json=BAD_COMPLETION_BODIES[case], timeout=60
+    )
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert r.json()["error"]["message"]
 
@@ -87,9 +96,12 @@ def test_unknown_route_and_wrong_method_are_json_errors(tiny_server):
 
 
 def test_oversized_body_is_413(tiny_server):
-    r = httpx.post(f"{tiny_server.url}/v1/chat/completions", timeout=60,
-                   content=b'{"messages": [{"role": "user", "content": "' + b"a" * (17 * 2**20) + b'"}]}',
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{tiny_server.url}/v1/chat/completions",
+        timeout=60,
+        content=b'{"messages": [{"role": "user", "content": "' + b"a" * (17 * 2**20) + b'"}]}',
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413 and r.json()["error"]
 
 
@@ -97,8 +109,11 @@ def test_server_still_answers_after_bad_input(tiny_server):
     for body in list(BAD_CHAT_BODIES.values())[:10]:
         kw = {"json": body} if isinstance(body, dict) else {"content": body}
         httpx.post(f"{tiny_server.url}/v1/chat/completions", timeout=60, **kw)
-    r = httpx.post(f"{tiny_server.url}/v1/chat/completions", timeout=60,
-                   json={"messages": MSG, "max_tokens": 3, "temperature": 0})
+    r = httpx.post(
+        f"{tiny_server.url}/v1/chat/completions",
+        timeout=60,
+        json={"messages": MSG, "max_tokens": 3, "temperature": 0},
+    )
     assert r.status_code == 200
     assert r.json()["usage"]["completion_tokens"] >= 1
     assert tiny_server.stats()["kv_blocks_used"] == 0

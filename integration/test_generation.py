@@ -36,8 +36,10 @@ def test_api_greedy_equals_offline_engine(embedded_server, embedded_folder):
     messages = [{"role": "user", "content": "What is 2 + 2?"}]
     api = _chat(embedded_server, messages[0]["content"], temperature=0, max_tokens=32)
     llm = LLM(str(embedded_folder), kv_cache_memory=256 * 2**20, max_model_len=1024)
-    offline = llm.generate([llm.encode_chat(messages)],
-                           GenerationParams(max_tokens=32, sampling=SamplingParams(temperature=0)))
+    offline = llm.generate(
+        [llm.encode_chat(messages)],
+        GenerationParams(max_tokens=32, sampling=SamplingParams(temperature=0)),
+    )
     assert api["choices"][0]["message"]["content"] == offline[0].text
     assert api["usage"]["completion_tokens"] == len(offline[0].token_ids)
 
@@ -60,8 +62,9 @@ def test_max_tokens_is_clamped_to_the_room_left(tiny_server):
 
 @pytest.fixture(scope="module")
 def greedy_reference(tiny_server) -> str:
-    text = _chat(tiny_server, "Tell me something.", temperature=0, max_tokens=60,
-                 ignore_eos=True)["choices"][0]["message"]["content"]
+    text = _chat(tiny_server, "Tell me something.", temperature=0, max_tokens=60, ignore_eos=True)[
+        "choices"
+    ][0]["message"]["content"]
     assert len(text) > 40
     return text
 
@@ -93,8 +96,14 @@ def test_earliest_of_several_stop_strings_wins(tiny_server, greedy_reference, st
 
 
 def test_stop_string_at_the_start_gives_empty_text(tiny_server, greedy_reference):
-    text, reason = _stream_chat(tiny_server, "Tell me something.", temperature=0, max_tokens=60,
-                                ignore_eos=True, stop=[greedy_reference[:3]])
+    text, reason = _stream_chat(
+        tiny_server,
+        "Tell me something.",
+        temperature=0,
+        max_tokens=60,
+        ignore_eos=True,
+        stop=[greedy_reference[:3]],
+    )
     assert text == "" and reason == "stop"
 
 
@@ -116,16 +125,21 @@ def test_sampled_stream_equals_non_stream_with_seed(tiny_server):
 
 def test_completions_echo_round_trips_cjk_and_emoji(tiny_server):
     prompt = "你好，世界 🌍✨ naïve café"
-    r = httpx.post(f"{tiny_server.url}/v1/completions",
-                   json={"prompt": prompt, "echo": True, "max_tokens": 1}, timeout=60)
+    r = httpx.post(
+        f"{tiny_server.url}/v1/completions",
+        json={"prompt": prompt, "echo": True, "max_tokens": 1},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"].startswith(prompt)
 
 
 def test_completions_accepts_token_ids_and_batches(tiny_server):
-    r = httpx.post(f"{tiny_server.url}/v1/completions",
-                   json={"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 4, "temperature": 0,
-                         "ignore_eos": True}, timeout=60)
+    r = httpx.post(
+        f"{tiny_server.url}/v1/completions",
+        json={"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert [c["index"] for c in body["choices"]] == [0, 1]
@@ -133,8 +147,15 @@ def test_completions_accepts_token_ids_and_batches(tiny_server):
 
 
 def test_logprobs_are_reported_for_chat(tiny_server):
-    out = _chat(tiny_server, "z", temperature=0, max_tokens=5, ignore_eos=True, logprobs=True,
-                top_logprobs=2)
+    out = _chat(
+        tiny_server,
+        "z",
+        temperature=0,
+        max_tokens=5,
+        ignore_eos=True,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = out["choices"][0]["logprobs"]["content"]
     assert len(content) == 5
     for entry in content:

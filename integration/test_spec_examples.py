@@ -13,13 +13,18 @@ from integration.sse import chat_stream_text
 def _curl(url: str, body: str) -> str:
     return subprocess.run(
         ["curl", "-sN", "-H", "content-type: application/json", url, "-d", body],
-        check=True, capture_output=True, text=True, timeout=300,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     ).stdout
 
 
 def test_curl_example_answers(embedded_server):
-    out = _curl(f"{embedded_server.url}/v1/chat/completions",
-                '{"messages":[{"role": "user", "content": "hello"}], "temperature": 0.0}')
+    out = _curl(
+        f"{embedded_server.url}/v1/chat/completions",
+        '{"messages":[{"role": "user", "content": "hello"}], "temperature": 0.0}',
+    )
     body = json.loads(out)
     assert body["object"] == "chat.completion"
     assert body["id"].startswith("chatcmpl-")
@@ -31,11 +36,12 @@ def test_curl_example_answers(embedded_server):
 
 
 def test_curl_stream_example_is_well_formed_sse(embedded_server):
-    out = _curl(f"{embedded_server.url}/v1/chat/completions",
-                '{"messages":[{"role": "user", "content": "hello"}], "temperature": 0.0, '
-                '"stream": true}')
+    out = _curl(
+        f"{embedded_server.url}/v1/chat/completions",
+        '{"messages":[{"role": "user", "content": "hello"}], "temperature": 0.0, "stream": true}',
+    )
     assert out.endswith("data: [DONE]\n\n")
-    events = [e[len("data: "):] for e in out.split("\n\n") if e]
+    events = [e[len("data: ") :] for e in out.split("\n\n") if e]
     parsed = [e if e == "[DONE]" else json.loads(e) for e in events]
     text, reason = chat_stream_text(parsed)
     assert text.strip() and reason in ("stop", "length")
@@ -52,13 +58,20 @@ def test_openai_sdk_example(sdk_env):
 
     client = OpenAI()
     completion = client.chat.completions.create(
-        model="model", messages=[{"role": "user", "content": "Hello"}],
-        temperature=0.7, top_p=1.0, max_tokens=128,
+        model="model",
+        messages=[{"role": "user", "content": "Hello"}],
+        temperature=0.7,
+        top_p=1.0,
+        max_tokens=128,
     )
     assert completion.choices[0].message.content
     stream = client.chat.completions.create(
-        model="model", messages=[{"role": "user", "content": "Hello"}],
-        temperature=0.7, top_p=1.0, max_tokens=128, stream=True,
+        model="model",
+        messages=[{"role": "user", "content": "Hello"}],
+        temperature=0.7,
+        top_p=1.0,
+        max_tokens=128,
+        stream=True,
     )
     pieces = []
     for chunk in stream:
@@ -74,13 +87,18 @@ def test_openai_sdk_async_stream_matches_sync(sdk_env):
     from openai import AsyncOpenAI, OpenAI
 
     messages = [{"role": "user", "content": "Name a color."}]
-    sync = OpenAI().chat.completions.create(model="model", messages=messages, temperature=0,
-                                            max_tokens=24)
+    sync = OpenAI().chat.completions.create(
+        model="model", messages=messages, temperature=0, max_tokens=24
+    )
 
     async def run() -> str:
         client = AsyncOpenAI()
         stream = await client.chat.completions.create(
-            model="model", messages=messages, temperature=0, max_tokens=24, stream=True,
+            model="model",
+            messages=messages,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
             stream_options={"include_usage": True},
         )
         text, usage = "", None

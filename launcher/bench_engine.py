@@ -15,9 +15,22 @@ import time
 log = logging.getLogger("shardserve.bench")
 
 TOPICS = [
-    "dragons", "the ocean", "a lighthouse keeper", "volcanoes", "a chess game", "the moon",
-    "a lost key", "autumn leaves", "a robot chef", "ancient Rome", "a mountain village",
-    "the first snow", "a jazz band", "deep space", "a library at night", "a desert caravan",
+    "dragons",
+    "the ocean",
+    "a lighthouse keeper",
+    "volcanoes",
+    "a chess game",
+    "the moon",
+    "a lost key",
+    "autumn leaves",
+    "a robot chef",
+    "ancient Rome",
+    "a mountain village",
+    "the first snow",
+    "a jazz band",
+    "deep space",
+    "a library at night",
+    "a desert caravan",
 ]
 
 
@@ -31,8 +44,10 @@ def _prompts(tokenizer, n: int) -> list[list[int]]:
 
 
 def _long_prompt(tokenizer, n_tokens: int) -> list[int]:
-    text = " ".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog near river {i}."
-                    for i in range(n_tokens))
+    text = " ".join(
+        f"Paragraph {i}: the quick brown fox jumps over the lazy dog near river {i}."
+        for i in range(n_tokens)
+    )
     return tokenizer.encode(text)[:n_tokens]
 
 
@@ -41,8 +56,7 @@ def _ours(args, prompts, long_prompt) -> dict:
     from router.params import GenerationParams
     from shards.wire import SamplingParams
 
-    llm = LLM(args.model, num_threads=args.threads, max_model_len=4096,
-              kv_cache_memory=512 * 2**20)
+    llm = LLM(args.model, num_threads=args.threads, max_model_len=4096, kv_cache_memory=512 * 2**20)
     greedy = SamplingParams(temperature=0.0)
     params = GenerationParams(max_tokens=args.max_tokens, sampling=greedy, ignore_eos=True)
     llm.generate([prompts[0]], GenerationParams(max_tokens=4, sampling=greedy))  # warm-up
@@ -85,8 +99,14 @@ def _transformers(args, model_path, prompts, long_prompt) -> dict:
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
         t = time.perf_counter()
-        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=pad)
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         return time.perf_counter() - t
 
     with torch.inference_mode():
@@ -123,9 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     long_prompt = _long_prompt(tokenizer, args.prefill_tokens)
     ours = _ours(args, prompts, long_prompt)
     ref = None if args.skip_transformers else _transformers(args, model_path, prompts, long_prompt)
-    report = {"machine": f"{platform.machine()}, {_cpus()} CPUs", "model": model_path,
-              "max_tokens": args.max_tokens, "batch": args.batch, "ours": ours,
-              "transformers": ref}
+    report = {
+        "machine": f"{platform.machine()}, {_cpus()} CPUs",
+        "model": model_path,
+        "max_tokens": args.max_tokens,
+        "batch": args.batch,
+        "ours": ours,
+        "transformers": ref,
+    }
     print(_table(report))
     if args.json:
         with open(args.json, "w") as f:
@@ -141,8 +166,11 @@ def _cpus() -> int:
 
 def _table(r: dict) -> str:
     ours, ref = r["ours"], r["transformers"]
-    rows = [("single-stream decode", "single_tok_s"), (f"{r['batch']} prompts", "batch_tok_s"),
-            ("prefill", "prefill_tok_s")]
+    rows = [
+        ("single-stream decode", "single_tok_s"),
+        (f"{r['batch']} prompts", "batch_tok_s"),
+        ("prefill", "prefill_tok_s"),
+    ]
     lines = [f"{'measure':24s} {'ours tok/s':>12s} {'transformers':>13s} {'ratio':>7s}"]
     for name, key in rows:
         theirs = ref[key] if ref else float("nan")

@@ -58,88 +58,192 @@ def _opt(
 ):
     """A Config field: its flags, env var, default, parser and help."""
     flags = [flags] if isinstance(flags, str) else (flags or [])
-    meta = dict(flags=flags, env=env, help=help, parse=parse, choices=choices, is_flag=is_flag,
-                file_key=file_key)
+    meta = dict(
+        flags=flags,
+        env=env,
+        help=help,
+        parse=parse,
+        choices=choices,
+        is_flag=is_flag,
+        file_key=file_key,
+    )
     return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class Config:
     # -- model ---------------------------------------------------------------------------------
-    model_path: str = _opt(["--model-path", "--model"], "MODEL_PATH", DEFAULT_MODEL_PATH,
-                           "model folder (config.json, weights, tokenizer); when the default "
-                           "folder does not exist the embedded default model is served")
-    model_id: str | None = _opt(["--served-model-name"], "MODEL_ID", None,
-                                "model name reported by the API (ti_model_config.json model_id)",
-                                file_key="model_id")
-    conv_template: str | None = _opt(["--conv-template"], "CONV_TEMPLATE", None,
-                                     "chat template name (ti_model_config.json conv_template_name)",
-                                     file_key="conv_template_name")
-    trust_remote_code: bool = _opt("--trust-remote-code", "TRUST_REMOTE_CODE", False,
-                                   "allow a checkpoint's own tokenizer class (never its model code)",
-                                   parse=parse_bool, is_flag=True)
-    dtype: str | None = _opt("--dtype", "DTYPE", None,
-                             "compute dtype: auto, float16, bfloat16, float32 (default: float16 on "
-                             "GPU, float32 on CPU)",
-                             choices=["auto", "float16", "bfloat16", "float32"])
-    max_model_len: int | None = _opt("--max-model-len", "MAX_MODEL_LEN", None,
-                                     "context length (default: the model's)",
-                                     parse=parse_optional_int)
-    quantization: str = _opt("--quantization", "QUANTIZATION", "none", "weight quantization",
-                             choices=["none", "ifq", "ifq_nf4", "fp8", "smoothquant", "auto"])
-    seed: int | None = _opt("--seed", "SEED", None, "random seed for sampling",
-                            parse=parse_optional_int)
+    model_path: str = _opt(
+        ["--model-path", "--model"],
+        "MODEL_PATH",
+        DEFAULT_MODEL_PATH,
+        "model folder (config.json, weights, tokenizer); when the default "
+        "folder does not exist the embedded default model is served",
+    )
+    model_id: str | None = _opt(
+        ["--served-model-name"],
+        "MODEL_ID",
+        None,
+        "model name reported by the API (ti_model_config.json model_id)",
+        file_key="model_id",
+    )
+    conv_template: str | None = _opt(
+        ["--conv-template"],
+        "CONV_TEMPLATE",
+        None,
+        "chat template name (ti_model_config.json conv_template_name)",
+        file_key="conv_template_name",
+    )
+    trust_remote_code: bool = _opt(
+        "--trust-remote-code",
+        "TRUST_REMOTE_CODE",
+        False,
+        "allow a checkpoint's own tokenizer class (never its model code)",
+        parse=parse_bool,
+        is_flag=True,
+    )
+    dtype: str | None = _opt(
+        "--dtype",
+        "DTYPE",
+        None,
+        "compute dtype: auto, float16, bfloat16, float32 (default: float16 on GPU, float32 on CPU)",
+        choices=["auto", "float16", "bfloat16", "float32"],
+    )
+    max_model_len: int | None = _opt(
+        "--max-model-len",
+        "MAX_MODEL_LEN",
+        None,
+        "context length (default: the model's)",
+        parse=parse_optional_int,
+    )
+    quantization: str = _opt(
+        "--quantization",
+        "QUANTIZATION",
+        "none",
+        "weight quantization",
+        choices=["none", "ifq", "ifq_nf4", "fp8", "smoothquant", "auto"],
+    )
+    seed: int | None = _opt(
+        "--seed", "SEED", None, "random seed for sampling", parse=parse_optional_int
+    )
     # -- parallelism ---------------------------------------------------------------------------
-    num_gpus: int | None = _opt(["--num-gpus", "--tensor-parallel-size"], "TP", None,
-                                "tensor parallel size (default: the visible GPUs, 1 on CPU)",
-                                parse=parse_optional_int)
-    worker_num: int = _opt("--worker-num", "WORKER_NUM", 1,
-                           "independent worker groups (data-parallel replicas)", parse=int)
-    limit_worker_concurrency: int = _opt("--limit-worker-concurrency", "MAX_CONCURRENCY", 128,
-                                         "requests running per worker; the rest queue", parse=int)
+    num_gpus: int | None = _opt(
+        ["--num-gpus", "--tensor-parallel-size"],
+        "TP",
+        None,
+        "tensor parallel size (default: the visible GPUs, 1 on CPU)",
+        parse=parse_optional_int,
+    )
+    worker_num: int = _opt(
+        "--worker-num",
+        "WORKER_NUM",
+        1,
+        "independent worker groups (data-parallel replicas)",
+        parse=int,
+    )
+    limit_worker_concurrency: int = _opt(
+        "--limit-worker-concurrency",
+        "MAX_CONCURRENCY",
+        128,
+        "requests running per worker; the rest queue",
+        parse=int,
+    )
     # -- scheduling ----------------------------------------------------------------------------
-    max_num_batched_tokens: int | None = _opt("--max-num-batched-tokens", "MAX_NUM_BATCHED_TOKENS",
-                                              None, "tokens per step (default: max(context, 2048))",
-                                              parse=parse_optional_int)
-    max_num_seqs: int = _opt("--max-num-seqs", "MAX_NUM_SEQS", 256, "sequences per step",
-                             parse=int)
-    block_size: int = _opt("--block-size", "BLOCK_SIZE", 16, "tokens per KV cache block",
-                           parse=int)
-    kv_cache_memory: int = _opt("--kv-cache-memory", "KV_CACHE_MEMORY", 2 * GiB,
-                                "KV cache size on CPU, e.g. 2GiB", parse=parse_bytes)
-    gpu_memory_utilization: float = _opt(["--gpu-memory-utilization", "--gpu_memory_utilization"],
-                                         "GPU_MEMORY_UTILIZATION", 0.9,
-                                         "share of GPU memory for weights, activations and KV cache",
-                                         parse=float)
-    enable_prefix_caching: bool = _opt("--enable-prefix-caching", "ENABLE_PREFIX_CACHING", True,
-                                       "share the KV blocks of repeated prompt prefixes",
-                                       parse=parse_bool, is_flag=True)
-    enforce_eager: bool = _opt("--enforce-eager", "ENFORCE_EAGER", True,
-                               "no CUDA graphs (spec default 1); 0 captures decode steps",
-                               parse=parse_bool, is_flag=True)
-    use_v2_block_manager: bool = _opt("--use-v2-block-manager", None, False,
-                                      "accepted for vLLM compatibility (always paged)",
-                                      parse=parse_bool, is_flag=True)
+    max_num_batched_tokens: int | None = _opt(
+        "--max-num-batched-tokens",
+        "MAX_NUM_BATCHED_TOKENS",
+        None,
+        "tokens per step (default: max(context, 2048))",
+        parse=parse_optional_int,
+    )
+    max_num_seqs: int = _opt("--max-num-seqs", "MAX_NUM_SEQS", 256, "sequences per step", parse=int)
+    block_size: int = _opt("--block-size", "BLOCK_SIZE", 16, "tokens per KV cache block", parse=int)
+    kv_cache_memory: int = _opt(
+        "--kv-cache-memory",
+        "KV_CACHE_MEMORY",
+        2 * GiB,
+        "KV cache size on CPU, e.g. 2GiB",
+        parse=parse_bytes,
+    )
+    gpu_memory_utilization: float = _opt(
+        ["--gpu-memory-utilization", "--gpu_memory_utilization"],
+        "GPU_MEMORY_UTILIZATION",
+        0.9,
+        "share of GPU memory for weights, activations and KV cache",
+        parse=float,
+    )
+    enable_prefix_caching: bool = _opt(
+        "--enable-prefix-caching",
+        "ENABLE_PREFIX_CACHING",
+        True,
+        "share the KV blocks of repeated prompt prefixes",
+        parse=parse_bool,
+        is_flag=True,
+    )
+    enforce_eager: bool = _opt(
+        "--enforce-eager",
+        "ENFORCE_EAGER",
+        True,
+        "no CUDA graphs (spec default 1); 0 captures decode steps",
+        parse=parse_bool,
+        is_flag=True,
+    )
+    use_v2_block_manager: bool = _opt(
+        "--use-v2-block-manager",
+        None,
+        False,
+        "accepted for vLLM compatibility (always paged)",
+        parse=parse_bool,
+        is_flag=True,
+    )
     # -- lookahead -----------------------------------------------------------------------------
-    use_lookahead: bool = _opt("--use-lookahead", "USE_LOOKAHEAD", False,
-                               "lookahead parallel decoding (0, 1, true, false)",
-                               parse=parse_bool, is_flag=True)
-    num_speculative_tokens: int = _opt("--num-speculative-tokens", "NUM_SPECULATIVE_TOKENS", 8,
-                                       "draft length of one lookahead", parse=int)
+    use_lookahead: bool = _opt(
+        "--use-lookahead",
+        "USE_LOOKAHEAD",
+        False,
+        "lookahead parallel decoding (0, 1, true, false)",
+        parse=parse_bool,
+        is_flag=True,
+    )
+    num_speculative_tokens: int = _opt(
+        "--num-speculative-tokens",
+        "NUM_SPECULATIVE_TOKENS",
+        8,
+        "draft length of one lookahead",
+        parse=int,
+    )
     # -- server --------------------------------------------------------------------------------
     host: str = _opt("--host", "HOST", "0.0.0.0", "address to listen on")
     port: int = _opt("--port", "PORT", 8501, "port to listen on", parse=int)
-    api_keys: tuple[str, ...] = _opt("--api-keys", "OPENAI_API_KEYS", (),
-                                     "comma-separated bearer tokens; enables auth",
-                                     parse=lambda s: tuple(k.strip() for k in s.split(",") if k.strip()))
+    api_keys: tuple[str, ...] = _opt(
+        "--api-keys",
+        "OPENAI_API_KEYS",
+        (),
+        "comma-separated bearer tokens; enables auth",
+        parse=lambda s: tuple(k.strip() for k in s.split(",") if k.strip()),
+    )
     # -- the DeepSpeed image's dynamic batching (parsed; implemented with its scheduler) --------
-    ds_dtype: str = _opt("--ds-dtype", "DS_DTYPE", "float16",
-                         "DeepSpeed-image dtype: float16, bfloat16, int8",
-                         choices=["float16", "bfloat16", "int8"])
-    max_batch_size: int = _opt("--max-batch-size", "MAX_BATCH_SIZE", 16,
-                               "DeepSpeed-image: requests per dynamic batch", parse=int)
-    batch_wait_timeout: float = _opt("--batch-wait-timeout", "BATCH_WAIT_TIMEOUT", 0.1,
-                                     "DeepSpeed-image: seconds to gather a batch", parse=float)
+    ds_dtype: str = _opt(
+        "--ds-dtype",
+        "DS_DTYPE",
+        "float16",
+        "DeepSpeed-image dtype: float16, bfloat16, int8",
+        choices=["float16", "bfloat16", "int8"],
+    )
+    max_batch_size: int = _opt(
+        "--max-batch-size",
+        "MAX_BATCH_SIZE",
+        16,
+        "DeepSpeed-image: requests per dynamic batch",
+        parse=int,
+    )
+    batch_wait_timeout: float = _opt(
+        "--batch-wait-timeout",
+        "BATCH_WAIT_TIMEOUT",
+        0.1,
+        "DeepSpeed-image: seconds to gather a batch",
+        parse=float,
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -161,14 +265,17 @@ def _fields():
 
 def build_parser(prog: str = "shardserve serve") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Serve a model with an OpenAI-compatible API.",
+        prog=prog,
+        description="Serve a model with an OpenAI-compatible API.",
         argument_default=argparse.SUPPRESS,
     )
     for f in _fields():
         m = f.metadata
         env = f"env {m['env']}" if m["env"] else "no env var"
-        default = "auto" if f.default is None else (
-            ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        default = (
+            "auto"
+            if f.default is None
+            else (",".join(f.default) if isinstance(f.default, tuple) else f.default)
         )
         help_text = f"{m['help']} [{env}; default: {default}]"
         kwargs: dict[str, Any] = dict(dest=f.name, help=help_text)
@@ -218,7 +325,8 @@ def _from_model_file(model_path: str, given: dict) -> dict:
     if not os.path.isfile(path):
         return {}
     try:
-        data = json.loads(open(path).read())
+        with open(path) as f:
+            data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
     out = {}
@@ -242,8 +350,12 @@ def validate(c: Config) -> None:
     positive("block_size", "--block-size", c.block_size)
     positive("kv_cache_memory", "--kv-cache-memory", c.kv_cache_memory)
     positive("max_model_len", "--max-model-len", c.max_model_len, allow_none=True)
-    positive("max_num_batched_tokens", "--max-num-batched-tokens", c.max_num_batched_tokens,
-             allow_none=True)
+    positive(
+        "max_num_batched_tokens",
+        "--max-num-batched-tokens",
+        c.max_num_batched_tokens,
+        allow_none=True,
+    )
     positive("num_gpus", "--num-gpus", c.num_gpus, allow_none=True)
     positive("num_speculative_tokens", "--num-speculative-tokens", c.num_speculative_tokens)
     positive("max_batch_size", "--max-batch-size", c.max_batch_size)

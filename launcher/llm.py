@@ -1,7 +1,7 @@
 """The offline Python API: the same scheduler and shard as the server, driven in-process.
 
-    llm = LLM()                      # the embedded default model
-    out = llm.generate(["Hello"], GenerationParams(max_tokens=32))
+llm = LLM()                      # the embedded default model
+out = llm.generate(["Hello"], GenerationParams(max_tokens=32))
 """
 
 from __future__ import annotations
@@ -54,10 +54,15 @@ class LLM:
             model = str(ensure_embedded_model())
         self.model_path = model
         spec = ShardSpec(
-            model_path=model, dtype=dtype, block_size=block_size, kv_cache_memory=kv_cache_memory,
+            model_path=model,
+            dtype=dtype,
+            block_size=block_size,
+            kv_cache_memory=kv_cache_memory,
             max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens or 2048, seed=seed,
-            progress=progress, num_threads=num_threads,
+            max_num_batched_tokens=max_num_batched_tokens or 2048,
+            seed=seed,
+            progress=progress,
+            num_threads=num_threads,
         )
         if shard_process:
             from launcher.shard_process import ShardProcess
@@ -92,7 +97,9 @@ class LLM:
         self._request_ids = itertools.count()
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def generate(
@@ -101,7 +108,9 @@ class LLM:
         params: GenerationParams | list[GenerationParams] | None = None,
     ) -> list[Completion]:
         """Run every prompt to completion, batched by the scheduler; results in prompt order."""
-        params_list = params if isinstance(params, list) else [params or GenerationParams()] * len(prompts)
+        params_list = (
+            params if isinstance(params, list) else [params or GenerationParams()] * len(prompts)
+        )
         completions: dict[int, Completion] = {}
         order = []
         for prompt, p in zip(prompts, params_list):

@@ -30,7 +30,9 @@ def resolve_model(config: Config) -> ResolvedModel:
 
         log.info(
             "MODEL_PATH is the default %s, which does not exist: serving the embedded default "
-            "model %s", DEFAULT_MODEL_PATH, EMBEDDED_NAME,
+            "model %s",
+            DEFAULT_MODEL_PATH,
+            EMBEDDED_NAME,
         )
         path = str(ensure_embedded_model())
         embedded = True

@@ -6,6 +6,7 @@ not leave orphans behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -21,10 +22,9 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    try:
+    # Not Linux: the launcher's own handlers still stop children.
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: the launcher's own handlers still stop children
 
 
 @dataclass
@@ -75,9 +75,7 @@ class Supervisor:
                 for c in self.children:
                     code = c.proc.poll()
                     if code is not None:
-                        log.error(
-                            "%s exited with code %d; stopping the server", c.name, code
-                        )
+                        log.error("%s exited with code %d; stopping the server", c.name, code)
                         stop_all(self.children)
                         return 1
                 time.sleep(poll_seconds)

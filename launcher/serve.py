@@ -48,7 +48,9 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> tuple[ShardSpec, RouterSettings]:
+def plan_processes(
+    c: Config, model: ResolvedModel, socket_dir: str
+) -> tuple[ShardSpec, RouterSettings]:
     if c.conv_template is not None and c.conv_template not in KNOWN_NAMES:
         raise ConfigError(
             f"CONV_TEMPLATE {c.conv_template!r} is unknown; known: {', '.join(KNOWN_NAMES)}"
@@ -56,18 +58,30 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> tuple[Sh
     max_len = _max_model_len(c, model)
     batched = c.max_num_batched_tokens or max(max_len, 2048)
     spec = ShardSpec(
-        model_path=model.path, device=_device(), dtype=c.dtype, block_size=c.block_size,
-        kv_cache_memory=c.kv_cache_memory, gpu_memory_utilization=c.gpu_memory_utilization,
-        max_model_len=max_len, max_num_batched_tokens=batched, seed=c.seed,
+        model_path=model.path,
+        device=_device(),
+        dtype=c.dtype,
+        block_size=c.block_size,
+        kv_cache_memory=c.kv_cache_memory,
+        gpu_memory_utilization=c.gpu_memory_utilization,
+        max_model_len=max_len,
+        max_num_batched_tokens=batched,
+        seed=c.seed,
         quantization=c.quantization,
     )
     settings = RouterSettings(
-        model_path=model.path, model_name=model.name,
+        model_path=model.path,
+        model_name=model.name,
         shard_sockets=(os.path.join(socket_dir, "shard-0.sock"),),
-        conv_template=c.conv_template, trust_remote_code=c.trust_remote_code,
-        api_keys=c.api_keys, host=c.host, port=c.port,
-        max_concurrency=c.limit_worker_concurrency, max_num_batched_tokens=batched,
-        max_num_seqs=c.max_num_seqs, enable_prefix_caching=c.enable_prefix_caching,
+        conv_template=c.conv_template,
+        trust_remote_code=c.trust_remote_code,
+        api_keys=c.api_keys,
+        host=c.host,
+        port=c.port,
+        max_concurrency=c.limit_worker_concurrency,
+        max_num_batched_tokens=batched,
+        max_num_seqs=c.max_num_seqs,
+        enable_prefix_caching=c.enable_prefix_caching,
     )
     return spec, settings
 
@@ -83,19 +97,39 @@ def serve(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     log.info(
-        "serving %s from %s on %s:%d (%s)", model.name, model.path, config.host, config.port,
+        "serving %s from %s on %s:%d (%s)",
+        model.name,
+        model.path,
+        config.host,
+        config.port,
         spec.device,
     )
     children = []
     try:
-        children.append(spawn("shard 0", "shards.server", [
-            "--socket", settings.shard_sockets[0], "--spec", orjson.dumps(to_dict(spec)).decode(),
-        ]))
+        children.append(
+            spawn(
+                "shard 0",
+                "shards.server",
+                [
+                    "--socket",
+                    settings.shard_sockets[0],
+                    "--spec",
+                    orjson.dumps(to_dict(spec)).decode(),
+                ],
+            )
+        )
         # Through the environment, not argv: the settings carry the API keys, and argv is
         # visible to every user of the machine.
-        children.append(spawn("router", "router.server", [], env={
-            SETTINGS_ENV: orjson.dumps(settings.to_dict()).decode(),
-        }))
+        children.append(
+            spawn(
+                "router",
+                "router.server",
+                [],
+                env={
+                    SETTINGS_ENV: orjson.dumps(settings.to_dict()).decode(),
+                },
+            )
+        )
         return Supervisor(children).run()
     finally:
         stop_all(children)

@@ -18,8 +18,15 @@ class ShardProcess:
         self._dir = socket_dir or tempfile.mkdtemp(prefix="shardserve-")
         self.socket_path = os.path.join(self._dir, f"shard-{spec.rank}.sock")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shards.server", "--socket", self.socket_path,
-             "--spec", orjson.dumps(to_dict(spec)).decode()],
+            [
+                sys.executable,
+                "-m",
+                "shards.server",
+                "--socket",
+                self.socket_path,
+                "--spec",
+                orjson.dumps(to_dict(spec)).decode(),
+            ],
         )
         try:
             self.client = ShardClient(self.socket_path, is_alive=lambda: self.proc.poll() is None)

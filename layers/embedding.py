@@ -12,6 +12,7 @@ from torch import nn
 
 from layers.linear import WHOLE, SliceSpec, Split
 from layers.parallel import SINGLE, ParallelContext
+from layers.quant.base import ONEDNN_BATCH_HINT, onednn_available, onednn_linear
 
 _ROW_ALIGN = 16
 
@@ -61,13 +62,29 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits over this rank's vocab rows; `forward` gathers them into the full vocabulary."""
+    """Logits over this rank's vocab rows; `forward` gathers them into the full vocabulary.
+
+    With `fast=True` on a float32 CPU, a oneDNN-packed copy of the weight serves the matmul
+    (the plain weight stays: a tied embedding still looks rows up in it).
+    """
+
+    def __init__(self, *args, fast: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fast = fast
+        self.packed_weight = None
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         assert embedding.weight.shape == self.weight.shape
         self.weight = embedding.weight
 
+    def finalize_weights(self) -> None:
+        w = self.weight
+        if self.fast and w.device.type == "cpu" and w.dtype == torch.float32 and onednn_available():
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.data, ONEDNN_BATCH_HINT)
+
     def forward_local(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return onednn_linear(hidden, self.packed_weight, None, self.local_vocab_size)
         return F.linear(hidden, self.weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

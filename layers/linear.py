@@ -75,6 +75,10 @@ class ParallelLinear(nn.Module):
         rows = self.slots()[slot]
         return (rows, self.in_local) if param == "weight" else (rows,)
 
+    def finalize_weights(self) -> None:
+        """Called by the loader once every slot is filled."""
+        self.quant.finalize(self)
+
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's contribution, before any communication."""
         return self.quant.apply(self, x, self.bias)
@@ -100,7 +104,9 @@ class ColumnParallelLinear(ParallelLinear):
         gather_output: bool = False,
     ) -> None:
         out_local = divide(output_size, pctx.world_size, "output features")
-        super().__init__(input_size, out_local, out_local if bias else None, pctx, quant, dtype, device)
+        super().__init__(
+            input_size, out_local, out_local if bias else None, pctx, quant, dtype, device
+        )
         self.gather_output = gather_output
 
     def slice_for(self, param: str, slot: str) -> SliceSpec:
@@ -233,7 +239,9 @@ class RowParallelLinear(ParallelLinear):
         device: torch.device | str = "cpu",
     ) -> None:
         in_local = divide(input_size, pctx.world_size, "input features")
-        super().__init__(in_local, output_size, output_size if bias else None, pctx, quant, dtype, device)
+        super().__init__(
+            in_local, output_size, output_size if bias else None, pctx, quant, dtype, device
+        )
 
     def slice_for(self, param: str, slot: str) -> SliceSpec:
         if self.pctx.world_size == 1 or param == "bias":

@@ -49,7 +49,9 @@ class RotaryEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         if rotary_dim % 2 or rotary_dim > head_dim:
-            raise RopeScalingError(f"rotary dim {rotary_dim} must be even and <= head dim {head_dim}")
+            raise RopeScalingError(
+                f"rotary dim {rotary_dim} must be even and <= head dim {head_dim}"
+            )
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim
         self.base = base
@@ -72,7 +74,9 @@ class RotaryEmbedding(nn.Module):
                 "(supported: default, linear, dynamic, llama3)"
             )
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32, device=device), self.inv_freq)
+        freqs = torch.outer(
+            torch.arange(max_position, dtype=torch.float32, device=device), self.inv_freq
+        )
         self.register_buffer("cos_cache", freqs.cos(), persistent=False)
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 
@@ -81,29 +85,32 @@ class RotaryEmbedding(nn.Module):
         return self.rope_type == "dynamic"
 
     def cos_sin(
-        self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None
+        self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None, dtype=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [num_tokens]. For dynamic NTK, `seq_lens[t]` is the length of token t's
-        sequence after this step: the base grows with it past the original context length, the
-        way the reference recomputes its frequencies for each forward."""
+        """[num_tokens, 1, rotary_dim / 2] each, ready to broadcast over heads; computed once
+        per step. For dynamic NTK, `seq_lens[t]` is the length of token t's sequence after
+        this step: the base grows with it past the original context length, the way the
+        reference recomputes its frequencies for each forward."""
         if self.rope_type != "dynamic":
-            return self.cos_cache[positions], self.sin_cache[positions]
-        assert seq_lens is not None
-        dim = self.rotary_dim
-        seq = torch.clamp(seq_lens.float(), min=self.original_max_len)
-        base = self.base * (self.factor * seq / self.original_max_len - (self.factor - 1)) ** (
-            dim / (dim - 2)
-        )
-        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
-        inv_freq = 1.0 / (base[:, None] ** exponents[None, :])  # [num_tokens, dim/2]
-        freqs = positions.float()[:, None] * inv_freq
-        return freqs.cos(), freqs.sin()
+            cos, sin = self.cos_cache[positions], self.sin_cache[positions]
+        else:
+            assert seq_lens is not None
+            dim = self.rotary_dim
+            seq = torch.clamp(seq_lens.float(), min=self.original_max_len)
+            base = self.base * (self.factor * seq / self.original_max_len - (self.factor - 1)) ** (
+                dim / (dim - 2)
+            )
+            exponents = torch.arange(0, dim, 2, device=positions.device).float() / dim
+            inv_freq = 1.0 / (base[:, None] ** exponents[None, :])  # [num_tokens, dim/2]
+            freqs = positions.float()[:, None] * inv_freq
+            cos, sin = freqs.cos(), freqs.sin()
+        if dtype is not None and dtype != cos.dtype:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, num_heads, head_dim]; cos/sin: [num_tokens, rotary_dim / 2]
-        cos = cos.unsqueeze(1).to(x.dtype)
-        sin = sin.unsqueeze(1).to(x.dtype)
-        rot = x[..., : self.rotary_dim]
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, num_heads, head_dim] (q and k heads may be stacked in one tensor)."""
+        rot = x[..., : self.rotary_dim] if self.rotary_dim != self.head_dim else x
         if self.interleaved:
             x1, x2 = rot[..., 0::2], rot[..., 1::2]
             out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
@@ -113,8 +120,3 @@ class RotaryEmbedding(nn.Module):
         if self.rotary_dim == self.head_dim:
             return out
         return torch.cat((out, x[..., self.rotary_dim :]), dim=-1)
-
-    def apply(
-        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -46,8 +46,11 @@ class Router:
         for key in self.api_keys:
             ok |= hmac.compare_digest(given, key)
         if scheme.lower() != "bearer" or not ok:
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                           code="invalid_api_key")
+            raise APIError(
+                401,
+                "invalid or missing API key (Authorization: Bearer <key>)",
+                code="invalid_api_key",
+            )
 
     async def _body(self, request: Request) -> dict:
         length = request.headers.get("content-length")
@@ -97,10 +100,20 @@ class Router:
             ctx = self._serving()
         except APIError as e:
             return _error(e)
-        return json_response({"object": "list", "data": [{
-            "id": ctx.model_name, "object": "model", "created": 0, "owned_by": "shardserve",
-            "max_model_len": ctx.max_model_len,
-        }]})
+        return json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": ctx.model_name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "shardserve",
+                        "max_model_len": ctx.max_model_len,
+                    }
+                ],
+            }
+        )
 
     async def health(self, request: Request) -> Response:
         if self.ctx is None:

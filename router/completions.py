@@ -38,7 +38,9 @@ def _sse(body: dict | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-def _params(ctx: ServingContext, req: _Sampling, prompt_len: int, logprobs: int | None) -> GenerationParams:
+def _params(
+    ctx: ServingContext, req: _Sampling, prompt_len: int, logprobs: int | None
+) -> GenerationParams:
     if prompt_len >= ctx.max_model_len:
         raise APIError(
             400,
@@ -49,15 +51,24 @@ def _params(ctx: ServingContext, req: _Sampling, prompt_len: int, logprobs: int 
         )
     if req.max_tokens is not None and req.max_tokens > ctx.max_model_len:
         raise APIError(
-            400, f"max_tokens={req.max_tokens} exceeds this model's context of "
-            f"{ctx.max_model_len} tokens", param="max_tokens", code="context_length_exceeded",
+            400,
+            f"max_tokens={req.max_tokens} exceeds this model's context of "
+            f"{ctx.max_model_len} tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
         )
     room = ctx.max_model_len - prompt_len
     max_tokens = min(req.max_tokens or room, room)
     sampling = SamplingParams(
-        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty, seed=req.seed, logprobs=logprobs,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        seed=req.seed,
+        logprobs=logprobs,
     )
     return GenerationParams(
         max_tokens=max_tokens,
@@ -124,9 +135,13 @@ def _token_logprobs(ctx: ServingContext, outs: list[RequestOutput]) -> list[dict
     return content
 
 
-async def chat_completions(ctx: ServingContext, request: Request, req: ChatCompletionRequest) -> Response:
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in req.messages]
+async def chat_completions(
+    ctx: ServingContext, request: Request, req: ChatCompletionRequest
+) -> Response:
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in req.messages
+    ]
     prompt_ids = ctx.template.render(messages)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(ctx, req, len(prompt_ids), logprobs)
@@ -149,22 +164,50 @@ async def chat_completions(ctx: ServingContext, request: Request, req: ChatCompl
         "logprobs": {"content": _token_logprobs(ctx, outs)} if req.logprobs else None,
         "finish_reason": last.finish_reason,
     }
-    return json_response({**base, "object": "chat.completion", "choices": [choice], "usage": _usage(last)})
+    return json_response(
+        {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(last)}
+    )
 
 
 async def _chat_stream(ctx, gen, base, include_usage: bool, logprobs: bool) -> AsyncIterator[bytes]:
     chunk = {**base, "object": "chat.completion.chunk"}
-    yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}]})
+    yield _sse(
+        {
+            **chunk,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+        }
+    )
     try:
         async for out in gen:
             if out.text or (logprobs and out.token_ids):
-                choice = {"index": 0, "delta": {"content": out.text}, "finish_reason": None,
-                          "logprobs": {"content": _token_logprobs(ctx, [out])} if logprobs else None}
+                choice = {
+                    "index": 0,
+                    "delta": {"content": out.text},
+                    "finish_reason": None,
+                    "logprobs": {"content": _token_logprobs(ctx, [out])} if logprobs else None,
+                }
                 yield _sse({**chunk, "choices": [choice]})
             if out.finished:
-                yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                                  "finish_reason": out.finish_reason}]})
+                yield _sse(
+                    {
+                        **chunk,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": {},
+                                "logprobs": None,
+                                "finish_reason": out.finish_reason,
+                            }
+                        ],
+                    }
+                )
                 if include_usage:
                     yield _sse({**chunk, "choices": [], "usage": _usage(out)})
     except EngineDeadError as e:
@@ -178,16 +221,26 @@ async def completions(ctx: ServingContext, request: Request, req: CompletionRequ
         ids = ctx.tokenizer.encode(p) if isinstance(p, str) else list(p)
         vocab = len(ctx.tokenizer)
         if not isinstance(p, str) and max(ids) >= vocab:
-            raise APIError(400, f"prompt token id {max(ids)} is outside the vocabulary ({vocab})",
-                           param="prompt")
+            raise APIError(
+                400,
+                f"prompt token id {max(ids)} is outside the vocabulary ({vocab})",
+                param="prompt",
+            )
         prompts.append(ids)
     if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo with logprobs (prompt scoring) is not supported yet",
-                       param="echo", code="unsupported")
+        raise APIError(
+            400,
+            "echo with logprobs (prompt scoring) is not supported yet",
+            param="echo",
+            code="unsupported",
+        )
     params = [_params(ctx, req, len(ids), req.logprobs) for ids in prompts]
     request_id = f"cmpl-{uuid.uuid4().hex}"
     base = {"id": request_id, "created": int(time.time()), "model": ctx.model_name}
-    gens = [ctx.engine.generate(f"{request_id}-{i}", ids, p) for i, (ids, p) in enumerate(zip(prompts, params))]
+    gens = [
+        ctx.engine.generate(f"{request_id}-{i}", ids, p)
+        for i, (ids, p) in enumerate(zip(prompts, params))
+    ]
     if req.stream:
         if len(gens) != 1:
             raise APIError(400, "streaming supports one prompt per request", param="prompt")
@@ -195,22 +248,35 @@ async def completions(ctx: ServingContext, request: Request, req: CompletionRequ
         echo = ctx.tokenizer.decode(prompts[0]) if req.echo else ""
         return StreamingResponse(
             _completion_stream(ctx, gens[0], base, echo, include_usage, req.logprobs),
-            media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
     results = await asyncio.gather(*(_collect(request, g) for g in gens))
     choices = []
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
-             "prompt_tokens_details": {"cached_tokens": 0}}
+    usage = {
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "total_tokens": 0,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     for i, (ids, outs) in enumerate(zip(prompts, results)):
         text = "".join(o.text for o in outs)
         if req.echo:
             text = ctx.tokenizer.decode(ids) + text
-        choices.append({"index": i, "text": text, "finish_reason": outs[-1].finish_reason,
-                        "logprobs": _legacy_logprobs(ctx, outs) if req.logprobs is not None else None})
+        choices.append(
+            {
+                "index": i,
+                "text": text,
+                "finish_reason": outs[-1].finish_reason,
+                "logprobs": _legacy_logprobs(ctx, outs) if req.logprobs is not None else None,
+            }
+        )
         u = _usage(outs[-1])
         for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
             usage[k] += u[k]
-        usage["prompt_tokens_details"]["cached_tokens"] += u["prompt_tokens_details"]["cached_tokens"]
+        usage["prompt_tokens_details"]["cached_tokens"] += u["prompt_tokens_details"][
+            "cached_tokens"
+        ]
     return json_response({**base, "object": "text_completion", "choices": choices, "usage": usage})
 
 
@@ -230,19 +296,49 @@ def _legacy_logprobs(ctx: ServingContext, outs: list[RequestOutput]) -> dict:
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-async def _completion_stream(ctx, gen, base, echo: str, include_usage: bool, logprobs) -> AsyncIterator[bytes]:
+async def _completion_stream(
+    ctx, gen, base, echo: str, include_usage: bool, logprobs
+) -> AsyncIterator[bytes]:
     chunk = {**base, "object": "text_completion"}
     if echo:
-        yield _sse({**chunk, "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]})
+        yield _sse(
+            {
+                **chunk,
+                "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}],
+            }
+        )
     try:
         async for out in gen:
             if out.text or (logprobs is not None and out.token_ids):
-                yield _sse({**chunk, "choices": [{
-                    "index": 0, "text": out.text, "finish_reason": None,
-                    "logprobs": _legacy_logprobs(ctx, [out]) if logprobs is not None else None}]})
+                yield _sse(
+                    {
+                        **chunk,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "text": out.text,
+                                "finish_reason": None,
+                                "logprobs": _legacy_logprobs(ctx, [out])
+                                if logprobs is not None
+                                else None,
+                            }
+                        ],
+                    }
+                )
             if out.finished:
-                yield _sse({**chunk, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                                  "finish_reason": out.finish_reason}]})
+                yield _sse(
+                    {
+                        **chunk,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "text": "",
+                                "logprobs": None,
+                                "finish_reason": out.finish_reason,
+                            }
+                        ],
+                    }
+                )
                 if include_usage:
                     yield _sse({**chunk, "choices": [], "usage": _usage(out)})
     except EngineDeadError as e:

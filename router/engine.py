@@ -92,7 +92,8 @@ class AsyncEngine:
             self.scheduler.add(seq)
             detok = (
                 IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop)
-                if detokenize else None
+                if detokenize
+                else None
             )
             stream = _Stream(seq, detok)
             self._streams[seq.seq_id] = stream
@@ -163,8 +164,13 @@ class AsyncEngine:
                 log.info(
                     "%s finished: %s, prompt %d tokens (%d cached), output %d tokens, "
                     "ttft %.3fs, total %.3fs",
-                    seq.request_id, reason, seq.num_prompt_tokens, seq.num_cached_prompt_tokens,
-                    seq.num_output_tokens, stream.first_token_at - stream.started, now - stream.started,
+                    seq.request_id,
+                    reason,
+                    seq.num_prompt_tokens,
+                    seq.num_cached_prompt_tokens,
+                    seq.num_output_tokens,
+                    stream.first_token_at - stream.started,
+                    now - stream.started,
                 )
             stream.queue.put_nowait(
                 RequestOutput(

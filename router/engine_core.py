@@ -49,7 +49,9 @@ class EngineCore:
         self.times = StepTimes()
         self._ids = itertools.count(1)
 
-    def add(self, request_id: str, prompt_token_ids: list[int], params: GenerationParams) -> Sequence:
+    def add(
+        self, request_id: str, prompt_token_ids: list[int], params: GenerationParams
+    ) -> Sequence:
         seq = Sequence(next(self._ids), request_id, list(prompt_token_ids), params)
         self.scheduler.add(seq)
         return seq

@@ -14,22 +14,38 @@ MAX_TOP_LOGPROBS = 20
 class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.type = type or {
-            400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+            400: "invalid_request_error",
+            401: "authentication_error",
+            404: "not_found_error",
+            405: "invalid_request_error",
+            413: "invalid_request_error",
+            429: "rate_limit_error",
             503: "service_unavailable",
         }.get(status, "server_error")
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 class _Strict(BaseModel):
@@ -130,8 +146,12 @@ PromptIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | PromptIds | Annotated[list[str], Field(min_length=1)] | Annotated[
-        list[PromptIds], Field(min_length=1)]
+    prompt: (
+        str
+        | PromptIds
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[PromptIds], Field(min_length=1)]
+    )
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     max_tokens: Annotated[int, Field(ge=0)] | None = 16
@@ -159,13 +179,16 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 def validation_error(e: ValidationError) -> APIError:
     first = e.errors()[0]
     loc = [
-        str(x) for x in first.get("loc", ())
+        str(x)
+        for x in first.get("loc", ())
         if not (isinstance(x, str) and (x.split("[")[0] in _TYPE_TAGS or x.startswith("function-")))
     ]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request").removeprefix("Value error, ")
     if loc and loc[0] == "prompt" and first.get("type") != "value_error":
         param = "prompt"
-        msg = ("must be a non-empty string, list of strings, list of token ids or list of "
-               "token-id lists")
+        msg = (
+            "must be a non-empty string, list of strings, list of token ids or list of "
+            "token-id lists"
+        )
     return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")

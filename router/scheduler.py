@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from router.block_allocator import BlockAllocator
-from router.sequence import Sequence, SeqStatus
+from router.sequence import SeqStatus, Sequence
 from shards.wire import NewSeq, ScheduledSeq, StepPlan, StepResult
 
 
@@ -229,7 +229,8 @@ class Scheduler:
             n = len(accepted)
             updates.append(
                 SeqUpdate(
-                    seq, accepted,
+                    seq,
+                    accepted,
                     out.logprobs[:n] if out.logprobs is not None else None,
                     out.top_logprobs[:n] if out.top_logprobs is not None else None,
                 )

@@ -50,8 +50,13 @@ async def build_context(s: RouterSettings) -> ServingContext:
     engine.start()
     log.info(
         "serving %s: template %s, context %d, %d KV blocks of %d tokens, %s attention on %s",
-        s.model_name, template.name, info.max_model_len, info.num_blocks, info.block_size,
-        info.attention_backend, info.device,
+        s.model_name,
+        template.name,
+        info.max_model_len,
+        info.num_blocks,
+        info.block_size,
+        info.attention_backend,
+        info.device,
     )
     return ServingContext(engine, tokenizer, template, s.model_name, info.max_model_len)
 
@@ -83,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         description=f"shardserve router process; reads RouterSettings JSON from ${SETTINGS_ENV}"
     )
     parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     s = RouterSettings.from_dict(orjson.loads(os.environ.pop(SETTINGS_ENV)))
     uvicorn.run(make_app(s), host=s.host, port=s.port, log_level="warning", access_log=False)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -15,7 +16,9 @@ class ShardError(RuntimeError):
 
 
 class ShardClient:
-    def __init__(self, socket_path: str, is_alive=lambda: True, connect_timeout: float = 60.0) -> None:
+    def __init__(
+        self, socket_path: str, is_alive=lambda: True, connect_timeout: float = 60.0
+    ) -> None:
         """Connect to a shard that is starting; `is_alive` lets us stop waiting on a dead one."""
         deadline = time.monotonic() + connect_timeout
         while True:
@@ -28,7 +31,9 @@ class ShardClient:
                 if not is_alive():
                     raise ShardError(f"shard exited before opening {socket_path}") from None
                 if time.monotonic() > deadline:
-                    raise ShardError(f"shard did not open {socket_path} in {connect_timeout}s") from None
+                    raise ShardError(
+                        f"shard did not open {socket_path} in {connect_timeout}s"
+                    ) from None
                 time.sleep(0.05)
         self.sock = sock
         self._info: ShardInfo | None = None
@@ -54,10 +59,8 @@ class ShardClient:
         return StepResult.from_dict(msg["result"])
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             send_frame(self.sock, {"type": "shutdown"})
-        except OSError:
-            pass
         self.sock.close()
 
 

@@ -44,7 +44,9 @@ class _Spec:
     description: str = ""
 
 
-def _split_system(messages: list[Message], default: str | None = None) -> tuple[str | None, list[Message]]:
+def _split_system(
+    messages: list[Message], default: str | None = None
+) -> tuple[str | None, list[Message]]:
     if messages and messages[0]["role"] == "system":
         return messages[0]["content"], messages[1:]
     return default, messages
@@ -61,8 +63,12 @@ def _llama3(messages, tok) -> list[Segment]:
 def _llama2(messages, tok) -> list[Segment]:
     system, turns = _split_system(messages)
     if system is not None and turns:
-        turns = [{"role": turns[0]["role"],
-                  "content": f"<<SYS>>\n{system}\n<</SYS>>\n\n{turns[0]['content']}"}] + turns[1:]
+        turns = [
+            {
+                "role": turns[0]["role"],
+                "content": f"<<SYS>>\n{system}\n<</SYS>>\n\n{turns[0]['content']}",
+            }
+        ] + turns[1:]
     bos, eos = tok("<s>"), tok("</s>")
     out: list[Segment] = []
     for i in range(0, len(turns), 2):
@@ -111,7 +117,9 @@ def _chatglm2(messages, tok) -> list[Segment]:
     for i in range(0, len(turns), 2):
         n = i // 2 + 1
         if i + 1 < len(turns):
-            prompt += f"[Round {n}]\n\n问：{turns[i]['content']}\n\n答：{turns[i + 1]['content']}\n\n"
+            prompt += (
+                f"[Round {n}]\n\n问：{turns[i]['content']}\n\n答：{turns[i + 1]['content']}\n\n"
+            )
         else:
             prompt += f"[Round {n}]\n\n问：{turns[i]['content']}\n\n答："
     return [tok("[gMASK]"), tok("sop"), prompt]
@@ -178,7 +186,9 @@ class ChatTemplate:
     def _special_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
         unk = getattr(self.tokenizer, "unk_token_id", None)
-        if token_id is None or (token_id == unk and token != getattr(self.tokenizer, "unk_token", None)):
+        if token_id is None or (
+            token_id == unk and token != getattr(self.tokenizer, "unk_token", None)
+        ):
             raise TemplateError(
                 f"template {self.name!r} needs the special token {token!r}, "
                 "which this tokenizer does not have"
@@ -187,7 +197,9 @@ class ChatTemplate:
 
     def render(self, messages: list[Message]) -> list[int]:
         if self._spec is None:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True
+            )
             ids = ids["input_ids"] if hasattr(ids, "keys") else ids
             return [int(i) for i in ids]
         out: list[int] = []

@@ -57,7 +57,8 @@ def find_weight_files(folder: str | Path) -> tuple[str, dict[str, list[str]]]:
                     raise CheckpointError(f"{folder / index_name}: lists {file}, which is missing")
             return fmt, files
         found = sorted(
-            p.name for p in folder.glob(pattern)
+            p.name
+            for p in folder.glob(pattern)
             if not p.name.startswith(_NOT_WEIGHTS) and p.name != "training_args.bin"
         )
         if found:

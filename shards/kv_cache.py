@@ -43,7 +43,9 @@ def cpu_num_blocks(budget_bytes: int, one_block_bytes: int) -> int:
     if budget_bytes > limit:
         log.warning(
             "kv cache budget %.2f GiB exceeds the %.2f GiB this machine can spare; using %.2f GiB",
-            budget_bytes / 2**30, limit / 2**30, limit / 2**30,
+            budget_bytes / 2**30,
+            limit / 2**30,
+            limit / 2**30,
         )
         budget_bytes = limit
     return budget_bytes // one_block_bytes

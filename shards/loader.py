@@ -12,7 +12,6 @@ import logging
 import re
 import time
 
-import torch
 from torch import nn
 from tqdm import tqdm
 
@@ -88,7 +87,11 @@ def load_weights(model: nn.Module, folder: str, progress: bool = True) -> dict:
         for slot in slots:
             spec = module.slice_for(pname, slot) if hasattr(module, "slice_for") else WHOLE
             src = handle.read(spec, offset)
-            dst = param.data if spec.dim is None else param.data.narrow(spec.dim, spec.dst_start, spec.length)
+            dst = (
+                param.data
+                if spec.dim is None
+                else param.data.narrow(spec.dim, spec.dst_start, spec.length)
+            )
             if tuple(src.shape) != tuple(dst.shape):
                 raise LoadError(
                     f"{reader.folder / file}: slice of {name!r} has shape {list(src.shape)}, "
@@ -103,13 +106,15 @@ def load_weights(model: nn.Module, folder: str, progress: bool = True) -> dict:
     bar.close()
     _check_filled(model, filled, rules)
     for module in model.modules():
-        quant = getattr(module, "quant", None)
-        if quant is not None:
-            quant.finalize(module)
+        if hasattr(module, "finalize_weights"):
+            module.finalize_weights()
     report = {"tensors": num_tensors, "bytes": num_bytes, "seconds": time.monotonic() - started}
     log.info(
         "loaded %d tensors (%.1f MiB for this rank) from %s in %.1fs",
-        num_tensors, num_bytes / 2**20, folder, report["seconds"],
+        num_tensors,
+        num_bytes / 2**20,
+        folder,
+        report["seconds"],
     )
     return report
 

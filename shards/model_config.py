@@ -75,7 +75,9 @@ def _rope(raw: dict) -> tuple[float, dict | None]:
     return float(theta), (None if kind == "default" else scaling)
 
 
-def model_config_from_dict(raw: dict, generation: dict | None = None, source: str = "config.json") -> ModelConfig:
+def model_config_from_dict(
+    raw: dict, generation: dict | None = None, source: str = "config.json"
+) -> ModelConfig:
     if not isinstance(raw, dict):
         raise ModelConfigError(f"{source}: expected a JSON object")
     try:

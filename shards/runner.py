@@ -61,7 +61,8 @@ class ModelRunner:
         seq_lens_per_token = None
         if getattr(self.model, "needs_seq_lens", False):
             seq_lens_per_token = torch.repeat_interleave(
-                torch.tensor(layout.seq_lens, device=dev), torch.tensor(layout.query_lens, device=dev)
+                torch.tensor(layout.seq_lens, device=dev),
+                torch.tensor(layout.query_lens, device=dev),
             )
         meta = AttentionMetadata(
             layout, torch.tensor(slots, dtype=torch.long, device=dev), seq_lens_per_token

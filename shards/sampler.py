@@ -26,7 +26,9 @@ class SeqSamplingState:
     output_counts: torch.Tensor | None  # [vocab] int32: generated tokens (all penalties)
 
     @staticmethod
-    def create(params: SamplingParams, prompt_ids: list[int], vocab_size: int, device) -> SeqSamplingState:
+    def create(
+        params: SamplingParams, prompt_ids: list[int], vocab_size: int, device
+    ) -> SeqSamplingState:
         gen = None
         if params.seed is not None and not params.greedy:
             gen = torch.Generator(device=device)
@@ -55,11 +57,17 @@ def apply_penalties(logits: torch.Tensor, states: list[SeqSamplingState]) -> tor
     sub = logits[idx]  # [P, vocab]
     counts = torch.stack([states[i].output_counts for i in rows]).to(sub.dtype)
     seen = torch.stack([states[i].prompt_mask for i in rows]) | (counts > 0)
-    rep = torch.tensor([states[i].params.repetition_penalty for i in rows], device=sub.device)[:, None]
+    rep = torch.tensor([states[i].params.repetition_penalty for i in rows], device=sub.device)[
+        :, None
+    ]
     penalized = torch.where(sub > 0, sub / rep, sub * rep)
     sub = torch.where(seen, penalized, sub)
-    freq = torch.tensor([states[i].params.frequency_penalty for i in rows], device=sub.device)[:, None]
-    pres = torch.tensor([states[i].params.presence_penalty for i in rows], device=sub.device)[:, None]
+    freq = torch.tensor([states[i].params.frequency_penalty for i in rows], device=sub.device)[
+        :, None
+    ]
+    pres = torch.tensor([states[i].params.presence_penalty for i in rows], device=sub.device)[
+        :, None
+    ]
     sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
     logits = logits.clone()
     logits[idx] = sub

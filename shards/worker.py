@@ -27,7 +27,9 @@ class DtypeError(ValueError):
     pass
 
 
-def resolve_dtype(requested: str | None, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+def resolve_dtype(
+    requested: str | None, device: torch.device, checkpoint_dtype: str | None
+) -> torch.dtype:
     """None → float32 on CPU (half-precision matmuls are several times slower on CPUs without
     native support), float16 on GPU; "auto" → the checkpoint's dtype."""
     if requested is None:
@@ -63,18 +65,27 @@ class Worker:
         if backend.name == "flash-attn":
             from layers.attention.flash import REQUIRED_BLOCK_MULTIPLE
 
-            self.block_size = -(-spec.block_size // REQUIRED_BLOCK_MULTIPLE) * REQUIRED_BLOCK_MULTIPLE
+            self.block_size = (
+                -(-spec.block_size // REQUIRED_BLOCK_MULTIPLE) * REQUIRED_BLOCK_MULTIPLE
+            )
         pctx = ParallelContext(spec.rank, spec.world_size)
         bc = BuildContext(
-            pctx=pctx, dtype=self.dtype, device=self.device, backend=backend,
-            max_position=self.max_model_len, quantization=spec.quantization,
+            pctx=pctx,
+            dtype=self.dtype,
+            device=self.device,
+            backend=backend,
+            max_position=self.max_model_len,
+            quantization=spec.quantization,
         )
         with torch.device(self.device):
             self.model = model_class(self.cfg.architecture)(self.cfg, bc).eval()
         self.load_report = load_weights(self.model, spec.model_path, progress=spec.progress)
-        self.weight_bytes = sum(
-            p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values()
-        )
+        tensors = {id(p): p for p in self.model.parameters()}
+        for m in self.model.modules():
+            packed = getattr(m, "packed_weight", None)
+            if packed is not None:
+                tensors[id(packed)] = packed
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         attn = next(m for m in self.model.modules() if isinstance(m, Attention))
         self.kv_heads, self.head_dim = attn.local_num_kv_heads, attn.head_dim
         self.kv_block_bytes = kv_cache.block_bytes(
@@ -83,8 +94,13 @@ class Worker:
         num_blocks = self._num_blocks()
         kv_cache.check_capacity(num_blocks, self.block_size, self.max_model_len)
         caches = kv_cache.allocate(
-            self.cfg.num_hidden_layers, num_blocks, self.block_size, self.kv_heads,
-            self.head_dim, self.dtype, self.device,
+            self.cfg.num_hidden_layers,
+            num_blocks,
+            self.block_size,
+            self.kv_heads,
+            self.head_dim,
+            self.dtype,
+            self.device,
         )
         self.num_blocks = num_blocks
         self.attention_backend = backend.name
@@ -93,8 +109,14 @@ class Worker:
         )
         log.info(
             "shard %d/%d ready: %s %s on %s, %s attention, %d KV blocks of %d tokens (%.2f GiB)",
-            spec.rank, spec.world_size, self.cfg.architecture, str(self.dtype).split(".")[-1],
-            self.device, backend.name, num_blocks - 1, self.block_size,
+            spec.rank,
+            spec.world_size,
+            self.cfg.architecture,
+            str(self.dtype).split(".")[-1],
+            self.device,
+            backend.name,
+            num_blocks - 1,
+            self.block_size,
             num_blocks * self.kv_block_bytes / 2**30,
         )
 
@@ -112,8 +134,13 @@ class Worker:
         n = min(self.spec.max_num_batched_tokens, self.max_model_len)
         nb = -(-n // self.block_size) + 1
         scratch = kv_cache.allocate(
-            self.cfg.num_hidden_layers, nb, self.block_size, self.kv_heads, self.head_dim,
-            self.dtype, self.device,
+            self.cfg.num_hidden_layers,
+            nb,
+            self.block_size,
+            self.kv_heads,
+            self.head_dim,
+            self.dtype,
+            self.device,
         )
         layout = BatchLayout([n], [0], [list(range(1, nb))], self.block_size)
         slots = torch.arange(self.block_size, self.block_size + n, device=self.device)
@@ -122,7 +149,7 @@ class Worker:
         seq_lens = torch.full((n,), n, device=self.device)
         meta = AttentionMetadata(layout, slots, seq_lens)
         hidden = self.model(ids, torch.arange(n, device=self.device), scratch, meta)
-        self.model.compute_logits(hidden[-min(n, 256):])
+        self.model.compute_logits(hidden[-min(n, 256) :])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del scratch, hidden

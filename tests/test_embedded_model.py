@@ -46,7 +46,9 @@ def test_greedy_chat_matches_transformers(llm):
     for ids, out in zip(prompts, ours):
         with torch.inference_mode():
             ref = ref_model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=128, do_sample=False,
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=128,
+                do_sample=False,
             )[0, len(ids) :].tolist()
         assert out.token_ids == ref, f"diverged for prompt {ids[-12:]}"

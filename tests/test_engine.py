@@ -87,12 +87,17 @@ def test_prompt_extending_a_finished_conversation_reuses_its_blocks(folder):
     # Every full block the first request computed (prompt + 19 outputs) is a hit.
     assert out.num_cached_prompt_tokens == (len(prompt) + 19) // 4 * 4
     cold = _llm(folder, enable_prefix_caching=False)
-    assert out.token_ids == cold.generate([follow_up], GenerationParams(max_tokens=8, sampling=GREEDY))[0].token_ids
+    assert (
+        out.token_ids
+        == cold.generate([follow_up], GenerationParams(max_tokens=8, sampling=GREEDY))[0].token_ids
+    )
 
 
 def test_seeded_sampling_is_independent_of_batch(folder):
     llm = _llm(folder)
-    seeded = GenerationParams(max_tokens=16, sampling=SamplingParams(temperature=1.0, top_p=0.9, seed=42))
+    seeded = GenerationParams(
+        max_tokens=16, sampling=SamplingParams(temperature=1.0, top_p=0.9, seed=42)
+    )
     prompt = _prompts(1, seed=9)[0]
     alone = llm.generate([prompt], seeded)[0].token_ids
     others = _prompts(5, seed=10)

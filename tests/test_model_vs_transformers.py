@@ -7,20 +7,36 @@ import random
 import pytest
 import torch
 
-from tests.tiny import build_hf_model, hf_logits, make_worker, our_logits, save_checkpoint, tiny_config
+from tests.tiny import (
+    build_hf_model,
+    hf_logits,
+    make_worker,
+    our_logits,
+    save_checkpoint,
+    tiny_config,
+)
 
 ATOL = 1e-4  # float32, max abs difference
 
 CONFIGS = {
     "llama-gqa": lambda: tiny_config("llama"),
     "llama-tied": lambda: tiny_config("llama", tie_word_embeddings=True),
-    "llama-mha-bias": lambda: tiny_config("llama", num_key_value_heads=4, attention_bias=True, mlp_bias=True),
+    "llama-mha-bias": lambda: tiny_config(
+        "llama", num_key_value_heads=4, attention_bias=True, mlp_bias=True
+    ),
     "llama3-rope": lambda: tiny_config(
         "llama",
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
     ),
-    "llama-linear-rope": lambda: tiny_config("llama", rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "llama-linear-rope": lambda: tiny_config(
+        "llama", rope_scaling={"rope_type": "linear", "factor": 2.0}
+    ),
     "llama-partial-rotary": lambda: tiny_config("llama", partial_rotary_factor=0.5),
     "mistral-window": lambda: tiny_config("mistral", sliding_window=8),
     "qwen2": lambda: tiny_config("qwen2"),
@@ -65,7 +81,9 @@ def test_checkpoint_formats_load_identically(fmt, tmp_path):
 
 
 def test_dynamic_ntk_rope_past_the_original_context(tmp_path):
-    cfg = tiny_config("llama", max_position_embeddings=24, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    cfg = tiny_config(
+        "llama", max_position_embeddings=24, rope_scaling={"rope_type": "dynamic", "factor": 2.0}
+    )
     hf = build_hf_model(cfg)
     worker = make_worker(save_checkpoint(hf, tmp_path), max_model_len=64)
     tokens = _tokens(34, cfg.vocab_size, seed=3)  # prompt already longer than 24

@@ -18,10 +18,18 @@ def tiny_config(family: str = "llama", **overrides):
     import transformers
 
     base = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=160, max_position_embeddings=256,
-        initializer_range=0.1, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=160,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     base.update(overrides)
     cls = {
@@ -78,22 +86,32 @@ def save_checkpoint(model, folder: Path, fmt: str = "safetensors") -> Path:
         file = f"{stem}-{i + 1:05d}-of-00002.{ext}"
         write({k: state[k] for k in part}, file)
         weight_map.update(dict.fromkeys(part, file))
-    (folder / f"{stem}.{ext}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / f"{stem}.{ext}.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return folder
 
 
-def make_worker(folder, block_size: int = 4, kv_kib: int = 512, max_model_len: int | None = None, **kw):
+def make_worker(
+    folder, block_size: int = 4, kv_kib: int = 512, max_model_len: int | None = None, **kw
+):
     from shards.worker import Worker
 
     spec = ShardSpec(
-        model_path=str(folder), block_size=block_size, kv_cache_memory=kv_kib * KIB,
-        max_model_len=max_model_len, progress=False, **kw,
+        model_path=str(folder),
+        block_size=block_size,
+        kv_cache_memory=kv_kib * KIB,
+        max_model_len=max_model_len,
+        progress=False,
+        **kw,
     )
     return Worker(spec)
 
 
 @torch.inference_mode()
-def our_logits(worker, tokens: list[int], prompt_len: int, chunk: int | None = None, seq_id: int = 1):
+def our_logits(
+    worker, tokens: list[int], prompt_len: int, chunk: int | None = None, seq_id: int = 1
+):
     """Teacher-forced logits from our runner: prefill `tokens[:prompt_len]` in chunks of
     `chunk`, then decode the rest one token at a time. Returns [len(tokens), vocab]."""
     runner = worker.runner

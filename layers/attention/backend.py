@@ -7,7 +7,9 @@ from torch import nn
 
 from layers.attention.metadata import AttentionMetadata
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # each [num_blocks, block_size, local_kv_heads, head_dim]
+KVCache = tuple[
+    torch.Tensor, torch.Tensor
+]  # each [num_blocks, block_size, local_kv_heads, head_dim]
 
 
 class AttentionBackend:
@@ -31,8 +33,8 @@ class AttentionBackend:
 
 def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     k_cache, v_cache = kv_cache
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
 
 def select_backend(device: torch.device, prefer_flash: bool = True) -> AttentionBackend:
@@ -67,10 +69,7 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
 
     def forward(self, q, k, v, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        # q: [num_tokens, local_num_heads * head_dim] -> same shape out
-        t = q.shape[0]
-        q = q.view(t, self.local_num_heads, self.head_dim)
-        k = k.view(t, self.local_num_kv_heads, self.head_dim)
-        v = v.view(t, self.local_num_kv_heads, self.head_dim)
+        # q: [num_tokens, local_num_heads, head_dim]; k, v: [num_tokens, local_num_kv_heads,
+        # head_dim] -> [num_tokens, local_num_heads * head_dim]
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
-        return out.reshape(t, self.local_num_heads * self.head_dim)
+        return out.reshape(q.shape[0], self.local_num_heads * self.head_dim)

@@ -60,6 +60,15 @@ class FlashAttentionBackend(AttentionBackend):
         # causal=True aligns the query block to the end of the keys (cached prefix + new tokens).
         window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
         return self._varlen(
-            q, kv_cache[0], kv_cache[1], cu_q, cu_k, max_q, max_k,
-            softmax_scale=scale, causal=True, window_size=window, block_table=tables,
+            q,
+            kv_cache[0],
+            kv_cache[1],
+            cu_q,
+            cu_k,
+            max_q,
+            max_k,
+            softmax_scale=scale,
+            causal=True,
+            window_size=window,
+            block_table=tables,
         )

@@ -21,6 +21,12 @@ def _window_ok(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | Non
     return ok
 
 
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    # index_select over whole blocks as rows is several times faster than advanced indexing.
+    rows = cache.view(cache.shape[0], -1).index_select(0, block_ids.flatten())
+    return rows.view(*block_ids.shape, *cache.shape[1:])
+
+
 class TorchSDPABackend(AttentionBackend):
     name = "torch-sdpa"
 
@@ -70,8 +76,8 @@ class TorchSDPABackend(AttentionBackend):
         s = layout.num_single
         if s:
             block_ids, mask = self._single(meta, q.device, sliding_window)
-            keys = k_cache[block_ids].view(s, -1, kv_heads, head_dim).transpose(1, 2)
-            values = v_cache[block_ids].view(s, -1, kv_heads, head_dim).transpose(1, 2)
+            keys = _gather(k_cache, block_ids).view(s, -1, kv_heads, head_dim).transpose(1, 2)
+            values = _gather(v_cache, block_ids).view(s, -1, kv_heads, head_dim).transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 q[:s].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
             )  # [s, heads, 1, head_dim]
@@ -84,17 +90,29 @@ class TorchSDPABackend(AttentionBackend):
                 keys = k[token : token + n].transpose(0, 1).unsqueeze(0)
                 values = v[token : token + n].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(
-                    qc, keys.to(q.dtype), values.to(q.dtype), is_causal=True, scale=scale,
+                    qc,
+                    keys,
+                    values,
+                    is_causal=True,
+                    scale=scale,
                     enable_gqa=True,
                 )
             else:
                 block_ids, mask = self._chunk(meta, i, q.device, sliding_window)
                 ctx = start + n
-                keys = k_cache[block_ids].view(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
-                values = v_cache[block_ids].view(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
+                keys = (
+                    _gather(k_cache, block_ids).view(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
+                )
+                values = (
+                    _gather(v_cache, block_ids).view(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
+                )
                 o = F.scaled_dot_product_attention(
-                    qc, keys.unsqueeze(0).to(q.dtype), values.unsqueeze(0).to(q.dtype),
-                    attn_mask=mask, scale=scale, enable_gqa=True,
+                    qc,
+                    keys.unsqueeze(0),
+                    values.unsqueeze(0),
+                    attn_mask=mask,
+                    scale=scale,
+                    enable_gqa=True,
                 )
             out[token : token + n] = o.squeeze(0).transpose(0, 1)
             token += n

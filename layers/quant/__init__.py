@@ -1,1 +1,1 @@
-"""Quantization modes for the parallel linears: one small class per mode (create, finalize, apply)."""
+"""Quantization modes for the parallel linears: one small class per mode."""

@@ -21,9 +21,10 @@ class BuildContext:
     backend: AttentionBackend
     max_position: int  # rotary tables cover positions [0, max_position)
     quantization: str = "none"
+    fast_kernels: bool = True  # optional faster kernels that must agree with the plain path
 
     def quant(self) -> QuantMode:
-        return get_quant_mode(self.quantization)
+        return get_quant_mode(self.quantization, self.fast_kernels)
 
 
 @dataclass(frozen=True)

@@ -27,24 +27,37 @@ class LlamaAttention(nn.Module):
         kw = dict(pctx=bc.pctx, dtype=bc.dtype, device=bc.device)
         self.head_dim = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads,
-            bias=qkv_bias, quant=bc.quant(), **kw,
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            bias=qkv_bias,
+            quant=bc.quant(),
+            **kw,
         )
         self.o_proj = RowParallelLinear(
-            cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias,
-            quant=bc.quant(), **kw,
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.hidden_size,
+            bias=cfg.attention_bias,
+            quant=bc.quant(),
+            **kw,
         )
-        self.q_size, self.kv_size, _ = self.qkv_proj.local_sizes()
         self.attn = Attention(
-            self.qkv_proj.local_num_heads, self.qkv_proj.local_num_kv_heads, cfg.head_dim,
-            scale=cfg.head_dim**-0.5, backend=bc.backend,
+            self.qkv_proj.local_num_heads,
+            self.qkv_proj.local_num_kv_heads,
+            cfg.head_dim,
+            scale=cfg.head_dim**-0.5,
+            backend=bc.backend,
             sliding_window=cfg.sliding_windows[layer_idx],
         )
 
     def forward(self, rope, cos, sin, h, kv_cache: KVCache, meta: AttentionMetadata):
         t = h.shape[0]
-        q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = rope.apply(q.view(t, -1, self.head_dim), k.view(t, -1, self.head_dim), cos, sin)
+        qkv = self.qkv_proj(h).view(t, -1, self.head_dim)  # [t, heads + 2 * kv_heads, head_dim]
+        num_q = self.qkv_proj.local_num_heads
+        num_kv = self.qkv_proj.local_num_kv_heads
+        qk = rope.rotate(qkv[:, : num_q + num_kv], cos, sin)  # q and k rotate as one tensor
+        q, k, v = qk[:, :num_q], qk[:, num_q:], qkv[:, num_q + num_kv :]
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -53,8 +66,10 @@ class LlamaMLP(nn.Module):
         super().__init__()
         kw = dict(bias=cfg.mlp_bias, pctx=bc.pctx, dtype=bc.dtype, device=bc.device)
         self.gate_up_proj = MergedColumnParallelLinear(
-            cfg.hidden_size, {"gate": cfg.intermediate_size, "up": cfg.intermediate_size},
-            quant=bc.quant(), **kw,
+            cfg.hidden_size,
+            {"gate": cfg.intermediate_size, "up": cfg.intermediate_size},
+            quant=bc.quant(),
+            **kw,
         )
         self.down_proj = RowParallelLinear(
             cfg.intermediate_size, cfg.hidden_size, quant=bc.quant(), **kw
@@ -95,13 +110,18 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=bc.dtype, device=bc.device)
         self.rotary_emb = RotaryEmbedding(
-            cfg.head_dim, cfg.rotary_dim, bc.max_position, cfg.rope_theta, cfg.rope_scaling,
-            cfg.max_position_embeddings, device=bc.device,
+            cfg.head_dim,
+            cfg.rotary_dim,
+            bc.max_position,
+            cfg.rope_theta,
+            cfg.rope_scaling,
+            cfg.max_position_embeddings,
+            device=bc.device,
         )
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
         h = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.cos_sin(positions, meta.seq_lens_per_token)
+        cos, sin = self.rotary_emb.cos_sin(positions, meta.seq_lens_per_token, h.dtype)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             h, residual = layer(self.rotary_emb, cos, sin, h, residual, kv_cache, meta)
@@ -117,7 +137,12 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.model = LlamaModel(cfg, bc, self.qkv_bias or cfg.attention_bias)
         self.lm_head = ParallelLMHead(
-            cfg.vocab_size, cfg.hidden_size, pctx=bc.pctx, dtype=bc.dtype, device=bc.device
+            cfg.vocab_size,
+            cfg.hidden_size,
+            pctx=bc.pctx,
+            dtype=bc.dtype,
+            device=bc.device,
+            fast=bc.fast_kernels,
         )
         if cfg.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)

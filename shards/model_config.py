@@ -66,7 +66,8 @@ def _sliding_windows(raw: dict, num_layers: int) -> tuple[int | None, ...]:
 
 
 def _rope(raw: dict) -> tuple[float, dict | None]:
-    # transformers 5 writes `rope_parameters` (theta inside); earlier files `rope_theta` + `rope_scaling`.
+    # transformers 5 writes `rope_parameters` (theta inside); older files `rope_theta` and
+    # `rope_scaling`.
     params = raw.get("rope_parameters") or {}
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     scaling = raw.get("rope_scaling") or params

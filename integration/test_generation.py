@@ -162,3 +162,38 @@ def test_logprobs_are_reported_for_chat(tiny_server):
         assert entry["logprob"] <= 0
         assert len(entry["top_logprobs"]) == 2
         assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"])
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_echo_with_logprobs_scores_the_prompt_like_transformers(
+    tiny_server, tiny_folder, max_tokens
+):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = "The quick brown fox jumps over the lazy dog, again and again and again."
+    r = httpx.post(
+        f"{tiny_server.url}/v1/completions",
+        json={
+            "prompt": text,
+            "echo": True,
+            "logprobs": 2,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"].startswith(text)
+    lp = choice["logprobs"]
+    ids = AutoTokenizer.from_pretrained(tiny_folder).encode(text)
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    expected = [ref[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert len(lp["tokens"]) == len(ids) + max_tokens
+    assert all(len(t) == 2 for t in lp["top_logprobs"][1:])

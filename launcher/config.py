@@ -254,10 +254,6 @@ class Config:
         d["api_keys"] = tuple(d.get("api_keys", ()))
         return Config(**d)
 
-    @property
-    def served_model_name(self) -> str:
-        return self.model_id or "model"
-
 
 def _fields():
     return [f for f in dataclasses.fields(Config) if f.metadata.get("flags")]

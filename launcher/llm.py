@@ -28,6 +28,7 @@ class Completion:
     logprobs: list[float] | None = None
     top_logprobs: list | None = None
     num_cached_prompt_tokens: int = 0
+    prompt_logprobs: list[float] | None = None  # for prompt tokens 1.., when asked
 
 
 class LLM:
@@ -130,6 +131,8 @@ class LLM:
                 if u.finished:
                     c.finish_reason = u.seq.finish_reason
                     c.num_cached_prompt_tokens = u.seq.num_cached_prompt_tokens
+                    if u.seq.params.sampling.prompt_logprobs is not None:
+                        c.prompt_logprobs = list(u.seq.prompt_logprobs)
         out = [completions[i] for i in order]
         if self.tokenizer is not None:
             for c in out:

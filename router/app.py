@@ -17,9 +17,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from router.completions import ServingContext, chat_completions, completions, json_response
+from router.completions import ServingContext, chat_completions, completions
 from router.engine import EngineDeadError
 from router.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
+from router.responses import json_response
 
 log = logging.getLogger("shardserve.app")
 

@@ -9,15 +9,24 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from router.engine import AsyncEngine, EngineDeadError, RequestOutput
 from router.params import GenerationParams
 from router.protocol import APIError, ChatCompletionRequest, CompletionRequest, _Sampling
+from router.responses import (
+    add_usage,
+    chat_logprobs,
+    completion_logprobs,
+    json_response,
+    sse,
+    usage,
+)
 from router.templates import ChatTemplate
 from shards.wire import SamplingParams
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass
@@ -29,24 +38,20 @@ class ServingContext:
     max_model_len: int
 
 
-def json_response(body: dict, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
-
-
-def _sse(body: dict | str) -> bytes:
-    payload = body if isinstance(body, str) else orjson.dumps(body).decode()
-    return f"data: {payload}\n\n".encode()
-
-
 def _params(
-    ctx: ServingContext, req: _Sampling, prompt_len: int, logprobs: int | None
+    ctx: ServingContext,
+    req: _Sampling,
+    prompt_len: int,
+    logprobs: int | None,
+    score_prompt: bool = False,
 ) -> GenerationParams:
+    param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
     if prompt_len >= ctx.max_model_len:
         raise APIError(
             400,
             f"the prompt is {prompt_len} tokens; this model's context is {ctx.max_model_len} "
             "tokens, which leaves no room to generate",
-            param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+            param=param,
             code="context_length_exceeded",
         )
     if req.max_tokens is not None and req.max_tokens > ctx.max_model_len:
@@ -57,8 +62,9 @@ def _params(
             param="max_tokens",
             code="context_length_exceeded",
         )
+    # Omitted, or more than the prompt leaves: the rest of the context (the vendor's behaviour).
     room = ctx.max_model_len - prompt_len
-    max_tokens = min(req.max_tokens or room, room)
+    max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
     sampling = SamplingParams(
         temperature=req.temperature,
         top_p=req.top_p,
@@ -69,6 +75,7 @@ def _params(
         repetition_penalty=req.repetition_penalty,
         seed=req.seed,
         logprobs=logprobs,
+        prompt_logprobs=(logprobs or 0) if score_prompt else None,
     )
     return GenerationParams(
         max_tokens=max_tokens,
@@ -77,15 +84,6 @@ def _params(
         stop=req.stop_strings(),
         ignore_eos=req.ignore_eos,
     )
-
-
-def _usage(out: RequestOutput) -> dict:
-    return {
-        "prompt_tokens": out.num_prompt_tokens,
-        "completion_tokens": out.num_output_tokens,
-        "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
-        "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},
-    }
 
 
 async def _watch_disconnect(request: Request) -> None:
@@ -119,20 +117,11 @@ async def _collect(request: Request, gen: AsyncIterator[RequestOutput]) -> list[
     return outputs
 
 
-def _token_logprobs(ctx: ServingContext, outs: list[RequestOutput]) -> list[dict]:
-    tok = ctx.tokenizer
-    content = []
-    for out in outs:
-        for i, token in enumerate(out.token_ids):
-            text = tok.decode([token])
-            entry = {"token": text, "logprob": out.logprobs[i], "bytes": list(text.encode())}
-            top = out.top_logprobs[i] if out.top_logprobs else []
-            entry["top_logprobs"] = [
-                {"token": tok.decode([t]), "logprob": lp, "bytes": list(tok.decode([t]).encode())}
-                for t, lp in (top or [])
-            ]
-            content.append(entry)
-    return content
+def _stream(body: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+# -- /v1/chat/completions ---------------------------------------------------------------------
 
 
 async def chat_completions(
@@ -146,80 +135,54 @@ async def chat_completions(
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(ctx, req, len(prompt_ids), logprobs)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
     gen = ctx.engine.generate(request_id, prompt_ids, params)
-    base = {"id": request_id, "created": created, "model": ctx.model_name}
+    base = {"id": request_id, "created": int(time.time()), "model": ctx.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(
-            _chat_stream(ctx, gen, base, include_usage, req.logprobs),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return _stream(_chat_stream(ctx, gen, base, include_usage, req.logprobs))
     outs = await _collect(request, gen)
-    last = outs[-1]
     choice = {
         "index": 0,
         "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
-        "logprobs": {"content": _token_logprobs(ctx, outs)} if req.logprobs else None,
-        "finish_reason": last.finish_reason,
+        "logprobs": {"content": chat_logprobs(ctx.tokenizer, outs)} if req.logprobs else None,
+        "finish_reason": outs[-1].finish_reason,
     }
-    return json_response(
-        {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(last)}
-    )
+    body = {**base, "object": "chat.completion", "choices": [choice], "usage": usage(outs[-1])}
+    return json_response(body)
 
 
 async def _chat_stream(ctx, gen, base, include_usage: bool, logprobs: bool) -> AsyncIterator[bytes]:
     chunk = {**base, "object": "chat.completion.chunk"}
-    yield _sse(
-        {
+
+    def choice(delta: dict, finish: str | None = None, lp=None) -> dict:
+        return {
             **chunk,
-            "choices": [
-                {
-                    "index": 0,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ],
+            "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}],
         }
-    )
+
+    yield sse(choice({"role": "assistant", "content": ""}))
     try:
         async for out in gen:
             if out.text or (logprobs and out.token_ids):
-                choice = {
-                    "index": 0,
-                    "delta": {"content": out.text},
-                    "finish_reason": None,
-                    "logprobs": {"content": _token_logprobs(ctx, [out])} if logprobs else None,
-                }
-                yield _sse({**chunk, "choices": [choice]})
+                lp = {"content": chat_logprobs(ctx.tokenizer, [out])} if logprobs else None
+                yield sse(choice({"content": out.text}, lp=lp))
             if out.finished:
-                yield _sse(
-                    {
-                        **chunk,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "delta": {},
-                                "logprobs": None,
-                                "finish_reason": out.finish_reason,
-                            }
-                        ],
-                    }
-                )
+                yield sse(choice({}, out.finish_reason))
                 if include_usage:
-                    yield _sse({**chunk, "choices": [], "usage": _usage(out)})
+                    yield sse({**chunk, "choices": [], "usage": usage(out)})
     except EngineDeadError as e:
-        yield _sse(APIError(500, str(e)).body())
-    yield _sse("[DONE]")
+        yield sse(APIError(500, str(e)).body())
+    yield sse("[DONE]")
+
+
+# -- /v1/completions --------------------------------------------------------------------------
 
 
 async def completions(ctx: ServingContext, request: Request, req: CompletionRequest) -> Response:
+    vocab = len(ctx.tokenizer)
     prompts = []
     for p in req.prompts():
         ids = ctx.tokenizer.encode(p) if isinstance(p, str) else list(p)
-        vocab = len(ctx.tokenizer)
         if not isinstance(p, str) and max(ids) >= vocab:
             raise APIError(
                 400,
@@ -227,14 +190,9 @@ async def completions(ctx: ServingContext, request: Request, req: CompletionRequ
                 param="prompt",
             )
         prompts.append(ids)
-    if req.echo and req.logprobs is not None:
-        raise APIError(
-            400,
-            "echo with logprobs (prompt scoring) is not supported yet",
-            param="echo",
-            code="unsupported",
-        )
-    params = [_params(ctx, req, len(ids), req.logprobs) for ids in prompts]
+    # Echo with logprobs scores the prompt; so does max_tokens=0 (only allowed with echo).
+    scoring = req.echo and (req.logprobs is not None or req.max_tokens == 0)
+    params = [_params(ctx, req, len(ids), req.logprobs, scoring) for ids in prompts]
     request_id = f"cmpl-{uuid.uuid4().hex}"
     base = {"id": request_id, "created": int(time.time()), "model": ctx.model_name}
     gens = [
@@ -245,102 +203,65 @@ async def completions(ctx: ServingContext, request: Request, req: CompletionRequ
         if len(gens) != 1:
             raise APIError(400, "streaming supports one prompt per request", param="prompt")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        echo = ctx.tokenizer.decode(prompts[0]) if req.echo else ""
-        return StreamingResponse(
-            _completion_stream(ctx, gens[0], base, echo, include_usage, req.logprobs),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-        )
+        echo_ids = prompts[0] if req.echo else None
+        return _stream(_completion_stream(ctx, gens[0], base, echo_ids, include_usage, req))
     results = await asyncio.gather(*(_collect(request, g) for g in gens))
     choices = []
-    usage = {
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-        "total_tokens": 0,
-        "prompt_tokens_details": {"cached_tokens": 0},
-    }
+    total: dict = {}
     for i, (ids, outs) in enumerate(zip(prompts, results)):
         text = "".join(o.text for o in outs)
         if req.echo:
             text = ctx.tokenizer.decode(ids) + text
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = completion_logprobs(ctx.tokenizer, outs, ids if req.echo else None)
         choices.append(
             {
                 "index": i,
                 "text": text,
                 "finish_reason": outs[-1].finish_reason,
-                "logprobs": _legacy_logprobs(ctx, outs) if req.logprobs is not None else None,
+                "logprobs": logprobs,
             }
         )
-        u = _usage(outs[-1])
-        for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
-            usage[k] += u[k]
-        usage["prompt_tokens_details"]["cached_tokens"] += u["prompt_tokens_details"][
-            "cached_tokens"
-        ]
-    return json_response({**base, "object": "text_completion", "choices": choices, "usage": usage})
-
-
-def _legacy_logprobs(ctx: ServingContext, outs: list[RequestOutput]) -> dict:
-    tok = ctx.tokenizer
-    tokens, lps, tops = [], [], []
-    for out in outs:
-        for i, t in enumerate(out.token_ids):
-            tokens.append(tok.decode([t]))
-            lps.append(out.logprobs[i])
-            top = out.top_logprobs[i] if out.top_logprobs else None
-            tops.append({tok.decode([tt]): lp for tt, lp in top} if top else None)
-    offsets, pos = [], 0
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+        add_usage(total, usage(outs[-1]))
+    return json_response({**base, "object": "text_completion", "choices": choices, "usage": total})
 
 
 async def _completion_stream(
-    ctx, gen, base, echo: str, include_usage: bool, logprobs
+    ctx, gen, base, echo_ids: list[int] | None, include_usage: bool, req: CompletionRequest
 ) -> AsyncIterator[bytes]:
     chunk = {**base, "object": "text_completion"}
-    if echo:
-        yield _sse(
-            {
-                **chunk,
-                "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}],
-            }
-        )
+    want_lp = req.logprobs is not None
+
+    def choice(text: str, lp=None, finish: str | None = None) -> dict:
+        return {
+            **chunk,
+            "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}],
+        }
+
+    first = True
     try:
         async for out in gen:
-            if out.text or (logprobs is not None and out.token_ids):
-                yield _sse(
-                    {
-                        **chunk,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "text": out.text,
-                                "finish_reason": None,
-                                "logprobs": _legacy_logprobs(ctx, [out])
-                                if logprobs is not None
-                                else None,
-                            }
-                        ],
-                    }
-                )
+            if first and echo_ids is not None:
+                # The echo goes out with the first output, which carries the prompt's scores.
+                lp = None
+                if want_lp:
+                    scored = RequestOutput(
+                        "",
+                        [],
+                        prompt_logprobs=out.prompt_logprobs,
+                        prompt_top_logprobs=out.prompt_top_logprobs,
+                    )
+                    lp = completion_logprobs(ctx.tokenizer, [scored], echo_ids)
+                yield sse(choice(ctx.tokenizer.decode(echo_ids), lp))
+            first = False
+            if out.text or (want_lp and out.token_ids):
+                lp = completion_logprobs(ctx.tokenizer, [out]) if want_lp else None
+                yield sse(choice(out.text, lp))
             if out.finished:
-                yield _sse(
-                    {
-                        **chunk,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "text": "",
-                                "logprobs": None,
-                                "finish_reason": out.finish_reason,
-                            }
-                        ],
-                    }
-                )
+                yield sse(choice("", finish=out.finish_reason))
                 if include_usage:
-                    yield _sse({**chunk, "choices": [], "usage": _usage(out)})
+                    yield sse({**chunk, "choices": [], "usage": usage(out)})
     except EngineDeadError as e:
-        yield _sse(APIError(500, str(e)).body())
-    yield _sse("[DONE]")
+        yield sse(APIError(500, str(e)).body())
+    yield sse("[DONE]")

@@ -39,6 +39,8 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt_logprobs: list[float] | None = None  # first output only, when the prompt is scored
+    prompt_top_logprobs: list | None = None
 
 
 @dataclass
@@ -149,8 +151,11 @@ class AsyncEngine:
             if stream is None:
                 continue
             seq = stream.seq
+            prompt_lp = prompt_top = None
             if stream.first_token_at is None:
                 stream.first_token_at = now
+                if seq.params.sampling.prompt_logprobs is not None:
+                    prompt_lp, prompt_top = seq.prompt_logprobs, seq.prompt_top_logprobs
             text = ""
             if stream.detok is not None:
                 text = stream.detok.add_tokens(u.new_token_ids)
@@ -183,6 +188,8 @@ class AsyncEngine:
                     num_prompt_tokens=seq.num_prompt_tokens,
                     num_output_tokens=seq.num_output_tokens,
                     num_cached_tokens=seq.num_cached_prompt_tokens,
+                    prompt_logprobs=prompt_lp,
+                    prompt_top_logprobs=prompt_top,
                 )
             )
 

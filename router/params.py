@@ -16,4 +16,7 @@ class GenerationParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        assert self.max_tokens >= 1, "max_tokens must be positive"
+        # max_tokens=0 only makes sense for scoring the prompt (echo + logprobs).
+        assert self.max_tokens >= 1 or (
+            self.max_tokens == 0 and self.sampling.prompt_logprobs is not None
+        ), "max_tokens must be positive"

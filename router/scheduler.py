@@ -108,6 +108,7 @@ class Scheduler:
         seq.block_ids = []
         seq.num_computed = 0
         seq.num_committed_blocks = 0
+        seq.prompt_logprobs, seq.prompt_top_logprobs = [], []  # recomputed on resume
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -149,8 +150,10 @@ class Scheduler:
             seq = self.waiting[0]
             bs = self.block_size
             hashes = seq.full_block_hashes(bs)
-            # At least one token must run to produce logits, so the last block is never a hit.
-            usable = hashes[: (seq.num_tokens - 1) // bs]
+            # At least one token must run to produce logits, so the last block is never a hit;
+            # scoring the prompt needs the logits of every prompt position: no hits at all.
+            scoring = seq.params.sampling.prompt_logprobs is not None
+            usable = [] if scoring else hashes[: (seq.num_tokens - 1) // bs]
             hit = self.allocator.lookup(usable)
             num_computed = len(hit) * bs
             n = min(seq.num_tokens - num_computed, budget)
@@ -179,13 +182,20 @@ class Scheduler:
         new = []
         for seq, n in zip(seqs, counts):
             start = seq.num_computed
+            targets = None
+            if (
+                seq.params.sampling.prompt_logprobs is not None
+                and start + 1 < seq.num_prompt_tokens
+            ):
+                targets = seq.token_ids[start + 1 : min(start + n + 1, seq.num_prompt_tokens)]
             scheduled.append(
                 ScheduledSeq(
                     seq_id=seq.seq_id,
                     token_ids=seq.token_ids[start : start + n],
                     start_pos=start,
                     block_table=list(seq.block_ids),
-                    sample=start + n == seq.num_tokens,
+                    sample=start + n == seq.num_tokens and seq.params.max_tokens > 0,
+                    prompt_targets=targets,
                 )
             )
             if not seq.announced:
@@ -206,36 +216,43 @@ class Scheduler:
     # -- results ----------------------------------------------------------------------------
 
     def update(self, plan: StepPlan, result: StepResult) -> list[SeqUpdate]:
+        outputs = {o.seq_id: o for o in result.outputs}
+        updates = []
         for s in plan.seqs:
             seq = self.seqs.get(s.seq_id)
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue  # aborted while the step ran
             seq.num_computed += len(s.token_ids)
             self._commit_full_blocks(seq)
-        updates = []
-        for out in result.outputs:
-            seq = self.seqs.get(out.seq_id)
-            if seq is None or seq.status is not SeqStatus.RUNNING:
-                continue
-            accepted = []
-            for token in out.token_ids:
-                seq.token_ids.append(token)
-                accepted.append(token)
-                reason = self._stop_reason(seq, token)
-                if reason:
-                    self.running.remove(seq)
-                    self._finish(seq, reason)
-                    break
-            n = len(accepted)
-            updates.append(
-                SeqUpdate(
-                    seq,
-                    accepted,
-                    out.logprobs[:n] if out.logprobs is not None else None,
-                    out.top_logprobs[:n] if out.top_logprobs is not None else None,
-                )
-            )
+            out = outputs.get(s.seq_id)
+            if out is not None and out.prompt_logprobs is not None:
+                seq.prompt_logprobs += out.prompt_logprobs
+                seq.prompt_top_logprobs += out.prompt_top_logprobs or []
+            if seq.params.max_tokens == 0 and seq.num_computed == seq.num_tokens:
+                self.running.remove(seq)  # a prompt scored, nothing to generate
+                self._finish(seq, "length")
+                updates.append(SeqUpdate(seq, []))
+            elif out is not None and out.token_ids:
+                updates.append(self._append(seq, out))
         return updates
+
+    def _append(self, seq: Sequence, out) -> SeqUpdate:
+        accepted = []
+        for token in out.token_ids:
+            seq.token_ids.append(token)
+            accepted.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+                break
+        n = len(accepted)
+        return SeqUpdate(
+            seq,
+            accepted,
+            out.logprobs[:n] if out.logprobs is not None else None,
+            out.top_logprobs[:n] if out.top_logprobs is not None else None,
+        )
 
     def _commit_full_blocks(self, seq: Sequence) -> None:
         full = seq.num_computed // self.block_size

@@ -30,6 +30,9 @@ class Sequence:
     announced: bool = False  # the shard has its sampling state
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
+    # Logprob of prompt token i given tokens < i, for i >= 1, when the caller scores the prompt.
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -36,6 +36,9 @@ async def build_context(s: RouterSettings) -> ServingContext:
     info = shard.info
     tokenizer = await asyncio.to_thread(load_tokenizer, s.model_path, s.trust_remote_code)
     template = ChatTemplate.create(s.conv_template, tokenizer, info.eos_token_ids)
+    mismatch = template.probe_mismatch()
+    if mismatch:
+        log.warning("%s: check CONV_TEMPLATE matches this model", mismatch)
     scheduler = Scheduler(
         SchedulerConfig(
             max_num_batched_tokens=s.max_num_batched_tokens,

@@ -209,3 +209,31 @@ class ChatTemplate:
             elif seg:
                 out.extend(self.tokenizer.encode(seg, add_special_tokens=False))
         return out
+
+    def probe_mismatch(self) -> str | None:
+        """For a named template on a tokenizer that has its own chat template: render one probe
+        conversation through both; a description of the difference, or None if they agree."""
+        if self._spec is None or self.name == "generate":
+            return None
+        if not getattr(self.tokenizer, "chat_template", None):
+            return None
+        probe = [
+            {"role": "system", "content": "You are a careful assistant."},
+            {"role": "user", "content": "Name a prime number."},
+            {"role": "assistant", "content": "Seven."},
+            {"role": "user", "content": "And another?"},
+        ]
+        ours = self.render(probe)
+        try:
+            theirs = ChatTemplate("tokenizer", self.tokenizer).render(probe)
+        except Exception as e:  # a tokenizer template may reject system messages, etc.
+            return f"the tokenizer's own template could not render the probe ({e})"
+        if ours == theirs:
+            return None
+        i = next(
+            (i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs))
+        )
+        return (
+            f"template {self.name!r} and the tokenizer's chat_template render a probe "
+            f"conversation differently from token {i} ({len(ours)} vs {len(theirs)} tokens)"
+        )

@@ -98,5 +98,24 @@ class ModelRunner:
                     [out.logprobs[i]] if want else None,
                     [out.top_logprobs[i]] if want and out.top_logprobs[i] is not None else None,
                 )
+        self._score_prompts(hidden, seqs, last_rows, outputs)
         ordered = [outputs[s.seq_id] for s in plan.seqs if s.seq_id in outputs]
         return StepResult(plan.step_id, ordered, time.perf_counter() - started)
+
+    def _score_prompts(self, hidden, seqs, last_rows, outputs: dict[int, SeqOutput]) -> None:
+        """Logprobs of each prompt token given the ones before it, for sequences that ask."""
+        for s, last in zip(seqs, last_rows):
+            if not s.prompt_targets:
+                continue
+            first = last - len(s.token_ids) + 1
+            rows = torch.arange(first, first + len(s.prompt_targets), device=self.device)
+            logprobs = self.model.compute_logits(hidden[rows]).float().log_softmax(dim=-1)
+            targets = torch.tensor(s.prompt_targets, device=self.device)
+            out = outputs.setdefault(s.seq_id, SeqOutput(s.seq_id, []))
+            out.prompt_logprobs = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
+            k = self.states[s.seq_id].params.prompt_logprobs or 0
+            if k > 0:
+                vals, ids = logprobs.topk(k, dim=-1)
+                out.prompt_top_logprobs = [
+                    list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())
+                ]

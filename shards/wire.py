@@ -25,6 +25,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: plus the top k
+    prompt_logprobs: int | None = None  # the same for each prompt token (scoring a text)
 
     @property
     def greedy(self) -> bool:
@@ -53,6 +54,9 @@ class ScheduledSeq:
     start_pos: int  # position of token_ids[0] == tokens already in the KV cache
     block_table: list[int]  # covers start_pos + len(token_ids) tokens
     sample: bool  # whether a token is sampled after the last one
+    # For prompt logprobs: the prompt token that follows each of token_ids, as far as the
+    # prompt goes (one fewer than token_ids for the chunk that ends the prompt).
+    prompt_targets: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -85,22 +89,33 @@ class SeqOutput:
     token_ids: list[int]
     logprobs: list[float] | None = None  # one per token in token_ids
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float] | None = None  # one per prompt target in the plan
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(slots=True)
 class StepResult:
     step_id: int
-    outputs: list[SeqOutput]  # one per sampled sequence, in plan order
+    # One per sequence that sampled a token or scored prompt tokens, in plan order.
+    outputs: list[SeqOutput]
     forward_seconds: float = 0.0
 
     @staticmethod
     def from_dict(d: dict) -> StepResult:
-        outputs = []
-        for o in d["outputs"]:
-            top = o["top_logprobs"]
-            if top is not None:
-                top = [[tuple(p) for p in row] for row in top]
-            outputs.append(SeqOutput(o["seq_id"], o["token_ids"], o["logprobs"], top))
+        def pairs(rows):
+            return None if rows is None else [[tuple(p) for p in row] for row in rows]
+
+        outputs = [
+            SeqOutput(
+                o["seq_id"],
+                o["token_ids"],
+                o["logprobs"],
+                pairs(o["top_logprobs"]),
+                o["prompt_logprobs"],
+                pairs(o["prompt_top_logprobs"]),
+            )
+            for o in d["outputs"]
+        ]
         return StepResult(d["step_id"], outputs, d["forward_seconds"])
 
 

@@ -133,3 +133,20 @@ def test_logprobs_are_returned_per_token(folder):
         assert top[0][0] == token  # greedy picks the most likely token
         assert lp == pytest.approx(top[0][1])
         assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+
+
+def test_prompt_scoring_across_chunks_matches_transformers(folder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = _prompts(1, seed=11)[0] + _prompts(1, seed=12)[0]
+    llm = _llm(folder, max_num_batched_tokens=7)  # the prompt is scored over several chunks
+    sampling = SamplingParams(temperature=0.0, prompt_logprobs=0)
+    out = llm.generate([prompt], GenerationParams(max_tokens=0, sampling=sampling))[0]
+    assert out.token_ids == [] and out.finish_reason == "length"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    expected = [ref[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+    assert out.prompt_logprobs == pytest.approx(expected, abs=1e-4)
+    assert llm.scheduler.allocator.num_used == 0

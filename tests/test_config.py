@@ -1,0 +1,131 @@
+"""Config: every spec flag with its env var and default; CLI > env > ti_model_config.json >
+default; bad values name the flag."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher.config import Config, ConfigError, build_parser, load_config
+
+SPEC_FLAGS = {  # flag -> env var, as the vendor's tables name them
+    "--model-path": "MODEL_PATH",
+    "--num-gpus": "TP",
+    "--worker-num": "WORKER_NUM",
+    "--limit-worker-concurrency": "MAX_CONCURRENCY",
+    "--dtype": "DTYPE",
+    "--seed": "SEED",
+    "--max-model-len": "MAX_MODEL_LEN",
+    "--quantization": "QUANTIZATION",
+    "--use-lookahead": "USE_LOOKAHEAD",
+    "--num-speculative-tokens": "NUM_SPECULATIVE_TOKENS",
+    "--api-keys": "OPENAI_API_KEYS",
+    "--gpu_memory_utilization": "GPU_MEMORY_UTILIZATION",
+    "--enforce-eager": "ENFORCE_EAGER",
+    "--ds-dtype": "DS_DTYPE",
+    "--max-batch-size": "MAX_BATCH_SIZE",
+    "--batch-wait-timeout": "BATCH_WAIT_TIMEOUT",
+}
+
+
+def test_defaults_follow_the_spec():
+    c = load_config([], {})
+    assert c.model_path == "/data/model"
+    assert c.worker_num == 1 and c.limit_worker_concurrency == 128
+    assert c.quantization == "none" and c.use_lookahead is False
+    assert c.num_speculative_tokens == 8 and c.max_num_seqs == 256
+    assert c.gpu_memory_utilization == 0.9 and c.enforce_eager is True
+    assert c.port == 8501 and c.api_keys == ()
+    assert (c.ds_dtype, c.max_batch_size, c.batch_wait_timeout) == ("float16", 16, 0.1)
+
+
+@pytest.mark.parametrize("flag", sorted(SPEC_FLAGS))
+def test_help_shows_each_spec_flag_with_its_env_var(flag):
+    help_text = build_parser().format_help()
+    assert flag in help_text
+    assert SPEC_FLAGS[flag] in help_text
+
+
+def test_vllm_spellings_are_accepted():
+    c = load_config(
+        [
+            "--model",
+            "/m",
+            "--tensor-parallel-size",
+            "2",
+            "--served-model-name",
+            "x",
+            "--trust-remote-code",
+            "--use-v2-block-manager",
+            "--gpu-memory-utilization",
+            "0.5",
+        ],
+        {},
+    )
+    assert (c.model_path, c.num_gpus, c.model_id, c.trust_remote_code) == ("/m", 2, "x", True)
+    assert c.gpu_memory_utilization == 0.5
+
+
+def test_cli_beats_env_beats_default():
+    env = {"WORKER_NUM": "3", "MAX_CONCURRENCY": "7"}
+    c = load_config(["--worker-num", "2"], env)
+    assert c.worker_num == 2
+    assert c.limit_worker_concurrency == 7
+
+
+@pytest.mark.parametrize(
+    "text,value", [("1", True), ("true", True), ("0", False), ("false", False)]
+)
+def test_boolean_env_values(text, value):
+    assert load_config([], {"USE_LOOKAHEAD": text}).use_lookahead is value
+
+
+def test_flag_without_value_means_true():
+    assert load_config(["--use-lookahead"], {}).use_lookahead is True
+    assert load_config(["--enforce-eager", "0"], {}).enforce_eager is False
+
+
+def test_api_keys_are_comma_separated():
+    assert load_config([], {"OPENAI_API_KEYS": "sk-a, sk-b,,sk-c"}).api_keys == (
+        "sk-a",
+        "sk-b",
+        "sk-c",
+    )
+
+
+def test_kv_cache_memory_accepts_units():
+    assert load_config(["--kv-cache-memory", "512MiB"], {}).kv_cache_memory == 512 * 2**20
+    assert load_config([], {"KV_CACHE_MEMORY": "2GiB"}).kv_cache_memory == 2 * 2**30
+
+
+def test_model_file_fills_model_id_and_template_below_env(tmp_path):
+    (tmp_path / "ti_model_config.json").write_text(
+        json.dumps({"model_id": "Baichuan2-13B-Chat", "conv_template_name": "baichuan2-chat"})
+    )
+    c = load_config(["--model-path", str(tmp_path)], {})
+    assert (c.model_id, c.conv_template) == ("Baichuan2-13B-Chat", "baichuan2-chat")
+    c = load_config(["--model-path", str(tmp_path)], {"MODEL_ID": "mine"})
+    assert (c.model_id, c.conv_template) == ("mine", "baichuan2-chat")
+
+
+@pytest.mark.parametrize(
+    "argv,env,flag",
+    [
+        (["--port", "0"], {}, "--port"),
+        ([], {"TP": "zero"}, "TP"),
+        (["--gpu-memory-utilization", "1.5"], {}, "--gpu-memory-utilization"),
+        ([], {"USE_LOOKAHEAD": "maybe"}, "USE_LOOKAHEAD"),
+        ([], {"QUANTIZATION": "int3"}, "QUANTIZATION"),
+        (["--max-num-seqs", "0"], {}, "--max-num-seqs"),
+        ([], {"KV_CACHE_MEMORY": "lots"}, "KV_CACHE_MEMORY"),
+    ],
+)
+def test_bad_values_name_the_flag(argv, env, flag):
+    with pytest.raises(ConfigError, match=flag):
+        load_config(argv, env)
+
+
+def test_config_round_trips_through_a_dict():
+    c = load_config(["--api-keys", "a,b", "--seed", "3"], {})
+    assert Config.from_dict(json.loads(json.dumps(c.to_dict()))) == c

@@ -132,6 +132,8 @@ async def chat_completions(
         for m in req.messages
     ]
     prompt_ids = ctx.template.render(messages)
+    if not prompt_ids:
+        raise APIError(400, "the messages render to an empty prompt", param="messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(ctx, req, len(prompt_ids), logprobs)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -40,7 +40,8 @@ class RenderedPrompt:
 class _Spec:
     render: Callable[[list[Message], Callable[[str], int]], list[Segment]]
     stop_tokens: tuple[str | int, ...] = ()  # names resolved through the tokenizer, or ids
-    uses_eos: bool = True  # the model's EOS ids stop it too
+    # Tokenize text with the tokenizer's own special tokens (BOS): `generate` is a plain prompt.
+    add_special_tokens: bool = False
     description: str = ""
 
 
@@ -95,12 +96,13 @@ def _baichuan2(messages, tok) -> list[Segment]:
     out: list[Segment] = [system] if system else []
     for m in turns:
         out += [195 if m["role"] == "user" else 196, m["content"]]
-    return out + [196]
+    # The reference opens the assistant turn unless the conversation already ends in one.
+    return out if turns and turns[-1]["role"] == "assistant" else out + [196]
 
 
 def _baichuan13b(messages, tok) -> list[Segment]:
-    # Baichuan-13B closes each assistant turn with EOS. Its reference drops system messages;
-    # we keep them as leading text, as Baichuan2 does, rather than lose the caller's words.
+    # Baichuan-13B closes each assistant turn with EOS. Its reference refuses system messages;
+    # we keep them as leading text, as Baichuan2 does, rather than fail the request.
     system, turns = _split_system(messages)
     out: list[Segment] = [system] if system else []
     for m in turns:
@@ -137,7 +139,7 @@ def _generate(messages, tok) -> list[Segment]:
 
 
 TEMPLATES: dict[str, _Spec] = {
-    "generate": _Spec(_generate, description="no template"),
+    "generate": _Spec(_generate, add_special_tokens=True, description="no template"),
     "llama-3": _Spec(_llama3, ("<|eot_id|>", "<|end_of_text|>")),
     "llama-2": _Spec(_llama2, ("</s>",)),
     "qwen-7b-chat": _Spec(_chatml, ("<|endoftext|>", "<|im_start|>", "<|im_end|>")),
@@ -175,12 +177,18 @@ class ChatTemplate:
                 + ", ".join(KNOWN_NAMES)
             )
         t = ChatTemplate(name or "tokenizer", tokenizer, tuple(eos_token_ids), spec)
-        stops = list(eos_token_ids) if (spec is None or spec.uses_eos) else []
+        stops = list(eos_token_ids)
         for s in spec.stop_tokens if spec else ():
             stops.append(s if isinstance(s, int) else t._special_id(s))
         t.stop_token_ids = tuple(dict.fromkeys(stops))
         if spec is not None:
-            t.render([{"role": "user", "content": "hi"}])  # fail at start-up, not per request
+            # Fail at start-up, not per request: every role's special tokens must exist.
+            t.render([{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}])
+            if spec.render in (_baichuan2, _baichuan13b) and len(tokenizer) <= 196:
+                raise TemplateError(
+                    f"template {name!r} needs token ids 195 and 196; the tokenizer has "
+                    f"{len(tokenizer)} tokens"
+                )
         return t
 
     def _special_id(self, token: str) -> int:
@@ -207,7 +215,9 @@ class ChatTemplate:
             if isinstance(seg, int):
                 out.append(seg)
             elif seg:
-                out.extend(self.tokenizer.encode(seg, add_special_tokens=False))
+                out.extend(
+                    self.tokenizer.encode(seg, add_special_tokens=self._spec.add_special_tokens)
+                )
         return out
 
     def probe_mismatch(self) -> str | None:

@@ -60,7 +60,7 @@ class Worker:
         self.cfg = load_model_config(spec.model_path)
         self.dtype = resolve_dtype(spec.dtype, self.device, self.cfg.checkpoint_dtype)
         self.max_model_len = resolve_max_model_len(self.cfg, spec.max_model_len)
-        backend = select_backend(self.device)
+        backend = select_backend(self.device, self.dtype)
         self.block_size = spec.block_size
         if backend.name == "flash-attn":
             from layers.attention.flash import REQUIRED_BLOCK_MULTIPLE

@@ -37,8 +37,11 @@ def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.T
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
 
-def select_backend(device: torch.device, prefer_flash: bool = True) -> AttentionBackend:
-    if device.type == "cuda" and prefer_flash:
+def select_backend(
+    device: torch.device, dtype: torch.dtype, prefer_flash: bool = True
+) -> AttentionBackend:
+    # flash-attn kernels exist for half precision only.
+    if device.type == "cuda" and prefer_flash and dtype in (torch.float16, torch.bfloat16):
         from layers.attention.flash import FlashAttentionBackend, flash_available
 
         if flash_available():

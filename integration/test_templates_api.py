@@ -1,0 +1,45 @@
+"""A named template (CONV_TEMPLATE) is what the server renders: prompt token counts over the
+API equal the template's own rendering, and its stop ids end generation."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from integration.conftest import start_server
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hello there"},
+    {"role": "assistant", "content": "Hi."},
+    {"role": "user", "content": "What is 2+2?"},
+]
+
+
+@pytest.fixture(scope="module", params=["qwen-7b-chat", "generate"])
+def templated(request, tmp_path_factory, tiny_folder):
+    server = start_server(
+        tmp_path_factory,
+        f"template-{request.param}",
+        ["--model-path", str(tiny_folder), "--kv-cache-memory", "32MiB"],
+        env={"CONV_TEMPLATE": request.param},
+    )
+    yield request.param, server
+    server.stop()
+
+
+def test_prompt_tokens_equal_the_templates_rendering(templated, tiny_folder):
+    from transformers import AutoTokenizer
+
+    from router.templates import ChatTemplate
+
+    name, server = templated
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
+    expected = ChatTemplate.create(name, tokenizer, (2,)).render(MESSAGES)
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": MESSAGES, "max_tokens": 1, "temperature": 0},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(expected)

@@ -7,6 +7,8 @@ import sys
 
 COMMANDS = {
     "serve": "serve a model with the OpenAI-compatible API (default)",
+    "chat": "chat with a running server, streamed, multi-turn",
+    "bench": "load a running OpenAI-compatible server; latency percentiles and throughput",
     "bench-engine": "offline engine benchmark against transformers generate",
 }
 
@@ -33,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.serve import serve
 
         return serve(argv)
+    if command == "chat":
+        from clients.chat import main as chat
+
+        return chat(argv)
+    if command == "bench":
+        from clients.bench import main as bench
+
+        return bench(argv)
     if command == "bench-engine":
         from launcher.bench_engine import main as bench
 

@@ -1,0 +1,1 @@
+"""HTTP clients of an OpenAI-compatible server: `shardserve chat` and `shardserve bench`."""

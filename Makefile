@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PORT ?= 8501
 
-.PHONY: venv serve test lint bench-engine clean
+.PHONY: venv serve test lint bench-engine bench-serve clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ lint: venv
 
 bench-engine: venv
 	$(VENV)/bin/shardserve bench-engine
+
+# The baseline server needs transformers' serving extras, which the project itself does not.
+bench-serve: venv
+	$(PY) -m pip install --quiet 'transformers[serving]'
+	$(VENV)/bin/shardserve bench-serve
 
 clean:
 	rm -rf $(VENV)

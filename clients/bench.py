@@ -95,6 +95,7 @@ async def _stream_one(client: httpx.AsyncClient, config: BenchConfig, body: dict
     last: float | None = None
     num_chunks = 0
     done = False
+    finished = False  # some servers end the stream after the finish_reason without [DONE]
     url = f"{config.base_url}/v1/chat/completions"
     async with client.stream("POST", url, json=body, headers=config.headers()) as r:
         if r.status_code != 200:
@@ -111,6 +112,9 @@ async def _stream_one(client: httpx.AsyncClient, config: BenchConfig, body: dict
                 res.error = f"error event mid-stream: {err}"
                 return res
             now = time.perf_counter()
+            choices = event.get("choices") or []
+            if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason"):
+                finished = True
             if delta_text(event):
                 num_chunks += 1
                 if last is None:
@@ -124,7 +128,7 @@ async def _stream_one(client: httpx.AsyncClient, config: BenchConfig, body: dict
                 res.prompt_tokens = usage.get("prompt_tokens")
                 res.usage_reported = True
     res.e2e = time.perf_counter() - start
-    if not done:
+    if not (done or finished):
         res.error = "the stream ended before [DONE]"
         return res
     if not res.usage_reported:

@@ -10,6 +10,7 @@ COMMANDS = {
     "chat": "chat with a running server, streamed, multi-turn",
     "bench": "load a running OpenAI-compatible server; latency percentiles and throughput",
     "bench-engine": "offline engine benchmark against transformers generate",
+    "bench-serve": "server benchmark against transformers serve, in one run",
 }
 
 
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         from clients.bench import main as bench
 
         return bench(argv)
+    if command == "bench-serve":
+        from launcher.bench_serve import main as bench_serve
+
+        return bench_serve(argv)
     if command == "bench-engine":
         from launcher.bench_engine import main as bench
 

@@ -29,6 +29,10 @@ def _refuse_unsupported(c: Config) -> None:
         raise ConfigError(f"--quantization {c.quantization}: quantization is not supported yet")
     if c.use_lookahead:
         raise ConfigError("--use-lookahead: lookahead decoding is not supported yet")
+    if not c.enforce_eager:
+        if _device() == "cuda":
+            raise ConfigError("--enforce-eager 0: CUDA graph capture is not supported yet")
+        log.info("--enforce-eager 0 has no effect on CPU: there are no CUDA graphs to capture")
 
 
 def _max_model_len(c: Config, model: ResolvedModel) -> int:

@@ -118,6 +118,7 @@ class AsyncEngine:
     async def _loop(self) -> None:
         try:
             while True:
+                started = time.perf_counter()
                 plan = self.scheduler.schedule()
                 if plan is None:
                     self._wake.clear()
@@ -132,6 +133,7 @@ class AsyncEngine:
                     tm = self.times
                     tm.steps += 1
                     tm.tokens += plan.num_tokens
+                    tm.schedule += t0 - started
                     tm.shard += t1 - t0
                     tm.forward += result.forward_seconds
                     tm.update += time.perf_counter() - t1

@@ -39,6 +39,9 @@ class StepTimes:
             "forward_ms": 1e3 * self.forward / n,
             "transport_ms": 1e3 * (self.shard - self.forward) / n,
             "update_ms": 1e3 * self.update / n,
+            # Router work (planning, bookkeeping, detokenizing) per step, as a share of the step.
+            "router_share": (self.schedule + self.update)
+            / max(self.schedule + self.shard + self.update, 1e-9),
         }
 
 

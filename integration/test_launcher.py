@@ -47,8 +47,10 @@ def test_folder_without_weights_is_named(tmp_path, tiny_folder):
 @pytest.mark.parametrize(
     "args,env,needle",
     [
-        (["--num-gpus", "2"], {}, "not supported yet"),
-        ([], {"WORKER_NUM": "2"}, "not supported yet"),
+        (["--num-gpus", "3"], {}, "tensor parallel size 3 does not divide 4 attention heads"),
+        (["--nnodes", "2"], {}, "--master-port"),
+        (["--nnodes", "2", "--master-port", "1234"], {"WORKER_NUM": "2"}, "one worker group"),
+        (["--node-rank", "1"], {}, "--node-rank must be in 0..0"),
         ([], {"QUANTIZATION": "ifq"}, "not supported yet"),
         (["--use-lookahead"], {}, "not supported yet"),
         ([], {"CONV_TEMPLATE": "no-such-template"}, "llama-3"),
@@ -90,7 +92,7 @@ def test_killed_shard_stops_the_server_with_a_message(tmp_path_factory, tiny_fol
     os.kill(_shard_pid(server), signal.SIGKILL)
     code = server.proc.wait(timeout=60)
     assert code != 0
-    assert "shard 0 exited" in server.logs()
+    assert "shard 0/1 of worker group 0" in server.logs() and "exited with code -9" in server.logs()
     deadline = time.monotonic() + 30
     while any(_alive(c) for c in children) and time.monotonic() < deadline:
         time.sleep(0.1)

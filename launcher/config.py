@@ -141,6 +141,27 @@ class Config:
         "independent worker groups (data-parallel replicas)",
         parse=int,
     )
+    nnodes: int = _opt("--nnodes", "NNODES", 1, "machines one worker group spans", parse=int)
+    node_rank: int = _opt(
+        "--node-rank", "NODE_RANK", 0, "this machine's index; node 0 runs the router", parse=int
+    )
+    master_addr: str = _opt(
+        "--master-addr", "MASTER_ADDR", "127.0.0.1", "node 0's address for the rendezvous"
+    )
+    master_port: int | None = _opt(
+        "--master-port",
+        "MASTER_PORT",
+        None,
+        "node 0's rendezvous port (default: a free port; required with --nnodes > 1)",
+        parse=parse_optional_int,
+    )
+    collective_timeout: float = _opt(
+        "--collective-timeout",
+        "COLLECTIVE_TIMEOUT",
+        120.0,
+        "seconds before a rendezvous or a collective with a dead or hung rank fails",
+        parse=float,
+    )
     limit_worker_concurrency: int = _opt(
         "--limit-worker-concurrency",
         "MAX_CONCURRENCY",
@@ -353,6 +374,12 @@ def validate(c: Config) -> None:
         allow_none=True,
     )
     positive("num_gpus", "--num-gpus", c.num_gpus, allow_none=True)
+    positive("nnodes", "--nnodes", c.nnodes)
+    positive("collective_timeout", "--collective-timeout", c.collective_timeout)
+    if not 0 <= c.node_rank < c.nnodes:
+        raise ConfigError(f"--node-rank must be in 0..{c.nnodes - 1}, got {c.node_rank}")
+    if c.nnodes > 1 and c.master_port is None:
+        raise ConfigError("--nnodes > 1 needs --master-port (MASTER_PORT), the same on every node")
     positive("num_speculative_tokens", "--num-speculative-tokens", c.num_speculative_tokens)
     positive("max_batch_size", "--max-batch-size", c.max_batch_size)
     if not 0.0 < c.gpu_memory_utilization <= 1.0:

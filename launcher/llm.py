@@ -48,6 +48,7 @@ class LLM:
         load_tokenizer: bool = True,
         progress: bool = False,
         num_threads: int | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         if model is None:
             from launcher.embedded import ensure_embedded_model
@@ -64,8 +65,9 @@ class LLM:
             seed=seed,
             progress=progress,
             num_threads=num_threads,
+            world_size=tensor_parallel_size,
         )
-        if shard_process:
+        if shard_process or tensor_parallel_size > 1:  # ranks are always processes
             from launcher.shard_process import ShardProcess
 
             self.shard = ShardProcess(spec)

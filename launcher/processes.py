@@ -1,4 +1,6 @@
-"""Spawn children and watch them: any child that exits takes the server down with it.
+"""Spawn children and watch them. The router exiting takes the server down; so does a shard
+exiting, unless other worker groups (WORKER_NUM > 1) are still whole: then its group is stopped
+and reported, and the router fails that group's requests and routes new ones elsewhere.
 
 Children get PR_SET_PDEATHSIG so a launcher killed without a chance to clean up (SIGKILL) does
 not leave orphans behind.
@@ -31,16 +33,19 @@ def _die_with_parent() -> None:
 class Child:
     name: str
     proc: subprocess.Popen
+    group: int | None = None  # worker group of a shard; None for the router
 
 
-def spawn(name: str, module: str, args: list[str], env: dict | None = None) -> Child:
+def spawn(
+    name: str, module: str, args: list[str], env: dict | None = None, group: int | None = None
+) -> Child:
     proc = subprocess.Popen(
         [sys.executable, "-m", module, *args],
         preexec_fn=_die_with_parent,
         env={**os.environ, **(env or {})},
     )
     log.info("started %s (pid %d)", name, proc.pid)
-    return Child(name, proc)
+    return Child(name, proc, group)
 
 
 def stop_all(children: list[Child], timeout: float = 10.0) -> None:
@@ -58,26 +63,54 @@ def stop_all(children: list[Child], timeout: float = 10.0) -> None:
 
 
 class Supervisor:
-    """Wait until a child exits or a stop signal arrives; then stop everything."""
+    """Wait until the server must stop (a child exits, or a stop signal); then stop everything.
 
-    def __init__(self, children: list[Child]) -> None:
+    Returns the launcher's exit code: 0 after a signal, 1 after a failure."""
+
+    def __init__(self, children: list[Child], num_groups: int = 1) -> None:
         self.children = children
+        self.num_groups = num_groups
+        self.dead_groups: set[int] = set()
         self._signal: int | None = None
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum
+
+    def _check(self) -> int | None:
+        """The launcher's exit code when the server must stop, else None."""
+        for c in self.children:
+            if c.group in self.dead_groups:
+                continue
+            code = c.proc.poll()
+            if code is None:
+                continue
+            if code == 0 and c.group is not None:
+                # A shard exits cleanly only when its rank 0 (maybe on another node) was told
+                # to shut down: this is a normal stop.
+                log.info("%s finished; stopping", c.name)
+                return 0
+            log.error("%s (pid %d) exited with code %d", c.name, c.proc.pid, code)
+            if c.group is None or self.num_groups == 1:
+                log.error("stopping the server")
+                return 1
+            self.dead_groups.add(c.group)
+            stop_all([o for o in self.children if o.group == c.group])
+            alive = self.num_groups - len(self.dead_groups)
+            if not alive:
+                log.error("every worker group is down; stopping the server")
+                return 1
+            log.error("worker group %d is down; %d group(s) still serving", c.group, alive)
+        return None
 
     def run(self, poll_seconds: float = 0.2) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         try:
             while self._signal is None:
-                for c in self.children:
-                    code = c.proc.poll()
-                    if code is not None:
-                        log.error("%s exited with code %d; stopping the server", c.name, code)
-                        stop_all(self.children)
-                        return 1
+                code = self._check()
+                if code is not None:
+                    stop_all(self.children)
+                    return code
                 time.sleep(poll_seconds)
             log.info("received %s; stopping", signal.Signals(self._signal).name)
             stop_all(self.children)

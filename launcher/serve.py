@@ -6,14 +6,18 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 
 import orjson
 
 from launcher.config import Config, ConfigError, load_config
+from launcher.groups import group_specs
 from launcher.model_resolution import ResolvedModel, resolve_model
-from launcher.processes import Supervisor, spawn, stop_all
+from launcher.processes import Child, Supervisor, spawn, stop_all
+from layers.parallel import ShardingError
 from router.settings import SETTINGS_ENV, RouterSettings
 from router.templates import KNOWN_NAMES
+from shards.model_config import check_tensor_parallel
 from shards.wire import ShardSpec, to_dict
 
 log = logging.getLogger("shardserve.launcher")
@@ -21,18 +25,38 @@ log = logging.getLogger("shardserve.launcher")
 
 def _refuse_unsupported(c: Config) -> None:
     """Flags whose features are not built yet: accepted by the parser, refused here."""
-    if (c.num_gpus or 1) > 1:
-        raise ConfigError(f"--num-gpus {c.num_gpus}: tensor parallelism is not supported yet")
-    if c.worker_num > 1:
-        raise ConfigError(f"--worker-num {c.worker_num}: worker groups are not supported yet")
     if c.quantization != "none":
         raise ConfigError(f"--quantization {c.quantization}: quantization is not supported yet")
     if c.use_lookahead:
         raise ConfigError("--use-lookahead: lookahead decoding is not supported yet")
     if not c.enforce_eager:
-        if _device() == "cuda":
+        if _device()[0] == "cuda":
             raise ConfigError("--enforce-eager 0: CUDA graph capture is not supported yet")
         log.info("--enforce-eager 0 has no effect on CPU: there are no CUDA graphs to capture")
+
+
+def tensor_parallel_size(c: Config, model: ResolvedModel, device: str, gpus: int) -> int:
+    """TP from the flags (default: this node's GPUs split over the worker groups, times the
+    nodes; one rank per node on CPU), checked against the model and the GPUs."""
+    if c.nnodes > 1 and c.worker_num > 1:
+        raise ConfigError(
+            f"--nnodes {c.nnodes} with --worker-num {c.worker_num}: a multi-node server runs "
+            "one worker group"
+        )
+    per_node_default = max(1, gpus // c.worker_num) if device == "cuda" else 1
+    tp = c.num_gpus or per_node_default * c.nnodes
+    if tp % c.nnodes:
+        raise ConfigError(f"--num-gpus {tp} does not split evenly over --nnodes {c.nnodes}")
+    if device == "cuda" and (tp // c.nnodes) * c.worker_num > gpus:
+        raise ConfigError(
+            f"--num-gpus {tp} x --worker-num {c.worker_num} needs "
+            f"{(tp // c.nnodes) * c.worker_num} GPUs on this node; {gpus} visible"
+        )
+    try:
+        check_tensor_parallel(model.config, tp)
+    except ShardingError as e:
+        raise ConfigError(f"--num-gpus {tp}: {e}") from e
+    return tp
 
 
 def _max_model_len(c: Config, model: ResolvedModel) -> int:
@@ -46,24 +70,32 @@ def _max_model_len(c: Config, model: ResolvedModel) -> int:
     return c.max_model_len
 
 
-def _device() -> str:
+def _device() -> tuple[str, int]:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return "cuda", torch.cuda.device_count()
+    return "cpu", 0
 
 
-def plan_processes(
-    c: Config, model: ResolvedModel, socket_dir: str
-) -> tuple[ShardSpec, RouterSettings]:
+@dataclass
+class ProcessPlan:
+    groups: list[list[ShardSpec]]  # per worker group, the ranks that run on this node
+    settings: RouterSettings | None  # None on nodes other than 0: they run shards only
+
+
+def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessPlan:
     if c.conv_template is not None and c.conv_template not in KNOWN_NAMES:
         raise ConfigError(
             f"CONV_TEMPLATE {c.conv_template!r} is unknown; known: {', '.join(KNOWN_NAMES)}"
         )
+    device, gpus = _device()
+    tp = tensor_parallel_size(c, model, device, gpus)
     max_len = _max_model_len(c, model)
     batched = c.max_num_batched_tokens or max(max_len, 2048)
-    spec = ShardSpec(
+    base = ShardSpec(
         model_path=model.path,
-        device=_device(),
+        device=device,
         dtype=c.dtype,
         block_size=c.block_size,
         kv_cache_memory=c.kv_cache_memory,
@@ -72,11 +104,29 @@ def plan_processes(
         max_num_batched_tokens=batched,
         seed=c.seed,
         quantization=c.quantization,
+        collective_timeout_s=c.collective_timeout,
     )
+    groups = [
+        group_specs(
+            base,
+            tp,
+            g,
+            c.worker_num,
+            c.master_addr,
+            c.master_port + g if c.master_port else None,
+            c.nnodes,
+            c.node_rank,
+        )
+        for g in range(c.worker_num)
+    ]
+    if c.node_rank > 0:
+        return ProcessPlan(groups, None)
     settings = RouterSettings(
         model_path=model.path,
         model_name=model.name,
-        shard_sockets=(os.path.join(socket_dir, "shard-0.sock"),),
+        shard_sockets=tuple(
+            os.path.join(socket_dir, f"shard-{g}.sock") for g in range(c.worker_num)
+        ),
         conv_template=c.conv_template,
         trust_remote_code=c.trust_remote_code,
         api_keys=c.api_keys,
@@ -87,7 +137,18 @@ def plan_processes(
         max_num_seqs=c.max_num_seqs,
         enable_prefix_caching=c.enable_prefix_caching,
     )
-    return spec, settings
+    return ProcessPlan(groups, settings)
+
+
+def _spawn_group(specs: list[ShardSpec], socket_path: str) -> list[Child]:
+    children = []
+    for spec in specs:
+        args = ["--spec", orjson.dumps(to_dict(spec)).decode()]
+        if spec.rank == 0:
+            args += ["--socket", socket_path]
+        name = f"shard {spec.rank}/{spec.world_size} of worker group {spec.group_index}"
+        children.append(spawn(name, "shards.server", args, group=spec.group_index))
+    return children
 
 
 def serve(argv: list[str] | None = None) -> int:
@@ -96,45 +157,50 @@ def serve(argv: list[str] | None = None) -> int:
         _refuse_unsupported(config)
         model = resolve_model(config)
         socket_dir = tempfile.mkdtemp(prefix="shardserve-")
-        spec, settings = plan_processes(config, model, socket_dir)
+        plan = plan_processes(config, model, socket_dir)
     except ConfigError as e:
         log.error("%s", e)
         return 2
-    log.info(
-        "serving %s from %s on %s:%d (%s)",
-        model.name,
-        model.path,
-        config.host,
-        config.port,
-        spec.device,
-    )
-    children = []
+    first = plan.groups[0][0] if plan.groups[0] else None
+    tp = first.world_size if first else 1
+    if plan.settings is None:
+        log.info(
+            "node %d of %d: shards of %s for the group at %s:%s",
+            config.node_rank,
+            config.nnodes,
+            model.name,
+            config.master_addr,
+            config.master_port,
+        )
+    else:
+        log.info(
+            "serving %s from %s on %s:%d (%s, %d worker group(s) of TP %d over %d node(s))",
+            model.name,
+            model.path,
+            config.host,
+            config.port,
+            first.device.split(":")[0] if first else "cpu",
+            config.worker_num,
+            tp,
+            config.nnodes,
+        )
+    children: list[Child] = []
     try:
-        children.append(
-            spawn(
-                "shard 0",
-                "shards.server",
-                [
-                    "--socket",
-                    settings.shard_sockets[0],
-                    "--spec",
-                    orjson.dumps(to_dict(spec)).decode(),
-                ],
+        for g, specs in enumerate(plan.groups):
+            sock = os.path.join(socket_dir, f"shard-{g}.sock")
+            children += _spawn_group(specs, sock)
+        if plan.settings is not None:
+            # Through the environment, not argv: the settings carry the API keys, and argv is
+            # visible to every user of the machine.
+            children.append(
+                spawn(
+                    "router",
+                    "router.server",
+                    [],
+                    env={SETTINGS_ENV: orjson.dumps(plan.settings.to_dict()).decode()},
+                )
             )
-        )
-        # Through the environment, not argv: the settings carry the API keys, and argv is
-        # visible to every user of the machine.
-        children.append(
-            spawn(
-                "router",
-                "router.server",
-                [],
-                env={
-                    SETTINGS_ENV: orjson.dumps(settings.to_dict()).decode(),
-                },
-            )
-        )
-        return Supervisor(children).run()
+        return Supervisor(children, num_groups=config.worker_num).run()
     finally:
         stop_all(children)
         shutil.rmtree(socket_dir, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Start a shard as its own process (`python -m shards.server`) and connect to it."""
+"""Start a worker group as processes (`python -m shards.server`, one per rank) and connect to
+its rank 0."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import tempfile
 
 import orjson
 
+from launcher.groups import group_specs
 from router.shard_client import ShardClient, ShardError
 from shards.wire import ShardInfo, ShardSpec, StepPlan, StepResult, to_dict
 
@@ -16,23 +18,21 @@ from shards.wire import ShardInfo, ShardSpec, StepPlan, StepResult, to_dict
 class ShardProcess:
     def __init__(self, spec: ShardSpec, socket_dir: str | None = None) -> None:
         self._dir = socket_dir or tempfile.mkdtemp(prefix="shardserve-")
-        self.socket_path = os.path.join(self._dir, f"shard-{spec.rank}.sock")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "shards.server",
-                "--socket",
-                self.socket_path,
-                "--spec",
-                orjson.dumps(to_dict(spec)).decode(),
-            ],
-        )
+        self.socket_path = os.path.join(self._dir, f"shard-{spec.group_index}.sock")
+        self.procs: list[subprocess.Popen] = []
+        for rank_spec in group_specs(spec, spec.world_size, spec.group_index):
+            args = ["--spec", orjson.dumps(to_dict(rank_spec)).decode()]
+            if rank_spec.rank == 0:
+                args += ["--socket", self.socket_path]
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "shards.server", *args]))
+        self.proc = self.procs[0]
         try:
-            self.client = ShardClient(self.socket_path, is_alive=lambda: self.proc.poll() is None)
+            self.client = ShardClient(
+                self.socket_path, is_alive=lambda: all(p.poll() is None for p in self.procs)
+            )
             self._info = self.client.wait_ready()
         except ShardError:
-            self.proc.wait(timeout=30)
+            self._kill()
             raise
 
     def info(self) -> ShardInfo:
@@ -41,11 +41,18 @@ class ShardProcess:
     def execute(self, plan: StepPlan) -> StepResult:
         return self.client.execute(plan)
 
+    def _kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.client.close()
+        for p in self.procs:
             try:
-                self.proc.wait(timeout=30)
+                p.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                p.kill()
+                p.wait()

@@ -121,6 +121,9 @@ class Router:
             return json_response({"status": "loading"}, 503)
         if self.ctx.engine.dead:
             return json_response({"status": "dead", "reason": self.ctx.engine.dead}, 503)
+        dead_groups = self.ctx.engine.dead_groups
+        if dead_groups:  # degraded: the other worker groups still serve
+            return json_response({"status": "ok", "dead_worker_groups": dead_groups})
         return json_response({"status": "ok"})
 
     async def stats(self, request: Request) -> Response:

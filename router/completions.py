@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from router.engine import AsyncEngine, EngineDeadError, RequestOutput
+from router.engine import EngineDeadError, RequestOutput
 from router.params import GenerationParams
+from router.pool import EnginePool
 from router.protocol import APIError, ChatCompletionRequest, CompletionRequest, _Sampling
 from router.responses import (
     add_usage,
@@ -31,7 +32,7 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @dataclass
 class ServingContext:
-    engine: AsyncEngine
+    engine: EnginePool
     tokenizer: object
     template: ChatTemplate
     model_name: str

@@ -68,6 +68,11 @@ class AsyncEngine:
         self.num_queued = 0
         self.finished_by_reason: dict[str, int] = {}
 
+    @property
+    def outstanding(self) -> int:
+        """Requests holding or waiting for a concurrency slot."""
+        return len(self._streams) + self.num_queued
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 

@@ -22,6 +22,7 @@ from router.app import Router, create_app
 from router.block_allocator import BlockAllocator
 from router.completions import ServingContext
 from router.engine import AsyncEngine
+from router.pool import EnginePool
 from router.scheduler import Scheduler, SchedulerConfig
 from router.settings import SETTINGS_ENV, RouterSettings
 from router.shard_client import AsyncShardClient
@@ -32,30 +33,35 @@ log = logging.getLogger("shardserve.router")
 
 
 async def build_context(s: RouterSettings) -> ServingContext:
-    shard = await AsyncShardClient.connect(s.shard_sockets[0])
-    info = shard.info
+    shards = await asyncio.gather(*(AsyncShardClient.connect(p) for p in s.shard_sockets))
+    info = shards[0].info
     tokenizer = await asyncio.to_thread(load_tokenizer, s.model_path, s.trust_remote_code)
     template = ChatTemplate.create(s.conv_template, tokenizer, info.eos_token_ids)
     mismatch = template.probe_mismatch()
     if mismatch:
         log.warning("%s: check CONV_TEMPLATE matches this model", mismatch)
-    scheduler = Scheduler(
-        SchedulerConfig(
-            max_num_batched_tokens=s.max_num_batched_tokens,
-            max_num_seqs=s.max_num_seqs,
-            max_model_len=info.max_model_len,
-            eos_token_ids=info.eos_token_ids,
-            watermark_blocks=max(1, info.num_blocks // 100),
-        ),
-        BlockAllocator(info.num_blocks, info.block_size, s.enable_prefix_caching),
-    )
-    engine = AsyncEngine(scheduler, shard, tokenizer, s.max_concurrency)
+    engines = []
+    for shard in shards:
+        scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_batched_tokens=s.max_num_batched_tokens,
+                max_num_seqs=s.max_num_seqs,
+                max_model_len=shard.info.max_model_len,
+                eos_token_ids=shard.info.eos_token_ids,
+                watermark_blocks=max(1, shard.info.num_blocks // 100),
+            ),
+            BlockAllocator(shard.info.num_blocks, shard.info.block_size, s.enable_prefix_caching),
+        )
+        engines.append(AsyncEngine(scheduler, shard, tokenizer, s.max_concurrency))
+    engine = EnginePool(engines)
     engine.start()
     log.info(
-        "serving %s: template %s, context %d, %d KV blocks of %d tokens, %s attention on %s",
+        "serving %s: template %s, context %d, %d worker group(s) of %d KV blocks of %d tokens, "
+        "%s attention on %s",
         s.model_name,
         template.name,
         info.max_model_len,
+        len(engines),
         info.num_blocks,
         info.block_size,
         info.attention_backend,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import resource
 import time
 
 from torch import nn
@@ -108,15 +109,26 @@ def load_weights(model: nn.Module, folder: str, progress: bool = True) -> dict:
     for module in model.modules():
         if hasattr(module, "finalize_weights"):
             module.finalize_weights()
-    report = {"tensors": num_tensors, "bytes": num_bytes, "seconds": time.monotonic() - started}
+    report = {
+        "tensors": num_tensors,
+        "bytes": num_bytes,
+        "seconds": time.monotonic() - started,
+        "peak_rss_bytes": _peak_rss(),
+    }
     log.info(
-        "loaded %d tensors (%.1f MiB for this rank) from %s in %.1fs",
+        "loaded %d tensors (%.1f MiB for this rank) from %s in %.1fs; peak process memory %.1f MiB",
         num_tensors,
         num_bytes / 2**20,
         folder,
         report["seconds"],
+        report["peak_rss_bytes"] / 2**20,
     )
     return report
+
+
+def _peak_rss() -> int:
+    """The process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _check_filled(model: nn.Module, filled: set[tuple[int, str]], rules) -> None:

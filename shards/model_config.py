@@ -158,3 +158,21 @@ def load_model_config(folder: str | Path) -> ModelConfig:
         except json.JSONDecodeError as e:
             raise ModelConfigError(f"{gen_path}: not valid JSON ({e})") from e
     return model_config_from_dict(raw, generation, source=str(path))
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+    """Refuse, before any process starts, a TP size the model's shapes cannot be split by."""
+    from layers.parallel import ShardingError
+
+    problems = []
+    if cfg.num_attention_heads % tp:
+        problems.append(f"{cfg.num_attention_heads} attention heads")
+    kv = cfg.num_key_value_heads
+    if kv % tp and tp % kv:
+        problems.append(f"{kv} KV heads (neither divides the other)")
+    if cfg.intermediate_size % tp:
+        problems.append(f"intermediate size {cfg.intermediate_size}")
+    if problems:
+        raise ShardingError(
+            f"tensor parallel size {tp} does not divide {', '.join(problems)} of {cfg.architecture}"
+        )

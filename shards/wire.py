@@ -135,6 +135,10 @@ class ShardSpec:
     quantization: str = "none"
     rank: int = 0
     world_size: int = 1
+    group_index: int = 0  # which worker group (WORKER_NUM), for messages
+    master_addr: str = "127.0.0.1"  # the group's rendezvous, when world_size > 1
+    master_port: int = 0
+    collective_timeout_s: float = 120.0
     num_threads: int | None = None
     progress: bool = True
 

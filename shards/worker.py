@@ -9,10 +9,10 @@ import logging
 import torch
 
 from layers.attention.backend import Attention, select_backend
-from layers.parallel import ParallelContext
 from shards import kv_cache
+from shards.distributed import init_group, min_over_ranks
 from shards.loader import load_weights
-from shards.model_config import ModelConfig, load_model_config
+from shards.model_config import ModelConfig, check_tensor_parallel, load_model_config
 from shards.models.base import BuildContext
 from shards.models.registry import model_class
 from shards.runner import ModelRunner
@@ -68,7 +68,16 @@ class Worker:
             self.block_size = (
                 -(-spec.block_size // REQUIRED_BLOCK_MULTIPLE) * REQUIRED_BLOCK_MULTIPLE
             )
-        pctx = ParallelContext(spec.rank, spec.world_size)
+        check_tensor_parallel(self.cfg, spec.world_size)
+        self.pctx, self.plan_group = init_group(
+            spec.rank,
+            spec.world_size,
+            spec.device,
+            spec.master_addr,
+            spec.master_port,
+            spec.collective_timeout_s,
+        )
+        pctx = self.pctx
         bc = BuildContext(
             pctx=pctx,
             dtype=self.dtype,
@@ -91,7 +100,7 @@ class Worker:
         self.kv_block_bytes = kv_cache.block_bytes(
             self.cfg.num_hidden_layers, self.block_size, self.kv_heads, self.head_dim, self.dtype
         )
-        num_blocks = self._num_blocks()
+        num_blocks = min_over_ranks(self._num_blocks(), self.pctx, self.plan_group)
         kv_cache.check_capacity(num_blocks, self.block_size, self.max_model_len)
         caches = kv_cache.allocate(
             self.cfg.num_hidden_layers,
@@ -108,9 +117,11 @@ class Worker:
             self.model, caches, self.block_size, self.cfg.vocab_size, self.device, spec.seed
         )
         log.info(
-            "shard %d/%d ready: %s %s on %s, %s attention, %d KV blocks of %d tokens (%.2f GiB)",
+            "shard %d/%d of group %d ready: %s %s on %s, %s attention, "
+            "%d KV blocks of %d tokens (%.2f GiB)",
             spec.rank,
             spec.world_size,
+            spec.group_index,
             self.cfg.architecture,
             str(self.dtype).split(".")[-1],
             self.device,
@@ -122,7 +133,9 @@ class Worker:
 
     def _num_blocks(self) -> int:
         if self.device.type == "cpu":
-            return kv_cache.cpu_num_blocks(self.spec.kv_cache_memory, self.kv_block_bytes)
+            # KV_CACHE_MEMORY is the group's budget: each rank holds its heads' share.
+            budget = self.spec.kv_cache_memory // self.spec.world_size
+            return kv_cache.cpu_num_blocks(budget, self.kv_block_bytes)
         return self._profile_gpu_blocks()
 
     @torch.inference_mode()

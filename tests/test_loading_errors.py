@@ -13,11 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from layers.parallel import ShardingError
+from layers.attention.backend import select_backend
+from layers.parallel import ParallelContext, ShardingError
 from shards.checkpoint import CheckpointError
-from shards.loader import LoadError
-from shards.model_config import ModelConfigError
-from shards.models.registry import UnknownArchitectureError, supported_architectures
+from shards.loader import LoadError, load_weights
+from shards.model_config import ModelConfigError, load_model_config
+from shards.models.base import BuildContext
+from shards.models.registry import UnknownArchitectureError, model_class, supported_architectures
 from tests.tiny import build_hf_model, make_worker, save_checkpoint, tiny_config
 
 WEIGHTS = "model.safetensors"
@@ -212,13 +214,22 @@ def test_mismatched_shape_names_tensor_and_both_shapes(folder):
 
 
 def test_mismatched_shape_on_a_later_rank_reports_global_shapes(folder):
-    # Rank 1 of 2 loads in-process (loading needs no process group); it must compare and report
-    # the whole checkpoint tensor's shape, not its own slice.
+    # Rank 1 of 2's model loads in-process (loading needs no process group); it must compare and
+    # report the whole checkpoint tensor's shape, not its own slice.
     _edit_tensors(folder, lambda state: state.update({Q_PROJ: torch.zeros(32, 64)}))
+    cfg = load_model_config(folder)
+    bc = BuildContext(
+        pctx=ParallelContext(rank=1, world_size=2),
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        backend=select_backend(torch.device("cpu"), torch.float32),
+        max_position=cfg.max_position_embeddings,
+    )
+    model = model_class(cfg.architecture)(cfg, bc)
     with pytest.raises(
         LoadError, match=_names(f"'{Q_PROJ}' has shape [32, 64], expected [64, 64]")
     ):
-        make_worker(folder, rank=1, world_size=2)
+        load_weights(model, str(folder), progress=False)
 
 
 def test_mismatched_vocab_rows_names_tensor_and_both_shapes(folder):

@@ -1,0 +1,141 @@
+"""Tensor parallelism over gloo: every rank in its own process, logits and greedy output equal
+to one rank; start-up checks of the TP size; the worker-group layout."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from launcher.groups import cpu_threads, group_specs
+from layers.parallel import ShardingError
+from shards.model_config import check_tensor_parallel, model_config_from_dict
+from shards.wire import ShardSpec
+from tests.tiny import build_hf_model, make_worker, our_logits, save_checkpoint, tiny_config
+from tests.tp_helpers import tp_logits
+
+ATOL = 1e-4
+
+CONFIGS = {
+    # 8 heads / 4 KV heads: TP 2 and 4 split both evenly
+    "llama": lambda: tiny_config("llama", num_attention_heads=8, num_key_value_heads=4),
+    # 2 KV heads: at TP 4 each KV head is replicated on two ranks; QKV bias is column-split
+    "qwen2": lambda: tiny_config("qwen2", num_attention_heads=8, num_key_value_heads=2),
+    # tied embeddings: the vocab-parallel embedding and LM head share one sharded weight
+    "llama-tied-bias": lambda: tiny_config(
+        "llama",
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        mlp_bias=True,
+        vocab_size=157,  # not a multiple of TP: the last rank's vocab rows are padded
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def folder(request, tmp_path_factory):
+    hf = build_hf_model(CONFIGS[request.param]())
+    return save_checkpoint(hf, tmp_path_factory.mktemp(request.param) / "model")
+
+
+def _tokens(n: int, vocab: int) -> list[int]:
+    rng = random.Random(1)
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_logits_equal_one_rank(folder, tp):
+    vocab = make_worker(folder).cfg.vocab_size
+    tokens = _tokens(30, vocab)
+    # a 20-token prompt in chunks of 7 over 4-token blocks, then 10 decode steps
+    ref = our_logits(make_worker(folder), tokens, 20, chunk=7)
+    got = tp_logits(folder, tp, tokens, 20, chunk=7)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= ATOL
+
+
+def test_tp_greedy_output_equals_one_rank(folder):
+    from launcher.llm import LLM
+    from router.params import GenerationParams
+    from shards.wire import SamplingParams
+
+    greedy = GenerationParams(
+        max_tokens=12, sampling=SamplingParams(temperature=0.0), ignore_eos=True
+    )
+    vocab = make_worker(folder).cfg.vocab_size
+    prompts = [_tokens(n, vocab) for n in (3, 9, 17, 26)]  # mixed prefill and decode steps
+    outs = []
+    for tp in (1, 2):
+        with LLM(
+            str(folder),
+            tensor_parallel_size=tp,
+            load_tokenizer=False,
+            block_size=4,
+            kv_cache_memory=2**20,
+            max_num_batched_tokens=24,  # forces chunked prefill next to decodes
+            num_threads=1,
+        ) as llm:
+            outs.append([c.token_ids for c in llm.generate(prompts, greedy)])
+    assert outs[0] == outs[1]
+    assert all(len(t) == 12 for t in outs[0])
+
+
+def _cfg(**kw):
+    raw = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "vocab_size": 160,
+        "max_position_embeddings": 256,
+    }
+    raw.update(kw)
+    return model_config_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "kw,tp,needle",
+    [
+        ({}, 3, "does not divide 8 attention heads"),
+        ({"num_key_value_heads": 3, "num_attention_heads": 6}, 2, "3 KV heads"),
+        ({"intermediate_size": 130}, 4, "intermediate size 130"),
+        ({}, 16, "8 attention heads"),
+    ],
+)
+def test_tp_that_does_not_divide_the_model_is_refused(kw, tp, needle):
+    with pytest.raises(ShardingError, match=needle):
+        check_tensor_parallel(_cfg(**kw), tp)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_tp_that_divides_or_replicates_is_accepted(tp):
+    check_tensor_parallel(_cfg(), tp)  # 4 KV heads: split at 2 and 4, replicated at 8
+
+
+def test_group_layout_on_gpus():
+    base = ShardSpec(model_path="m", device="cuda")
+    specs = group_specs(base, 2, group_index=1, num_groups=2, master_port=29500)
+    assert [(s.rank, s.world_size, s.device) for s in specs] == [(0, 2, "cuda:2"), (1, 2, "cuda:3")]
+    assert {s.master_port for s in specs} == {29500}
+    assert [s.progress for s in specs] == [True, False]
+
+
+def test_group_layout_across_nodes():
+    base = ShardSpec(model_path="m", device="cuda")
+    specs = group_specs(base, 4, master_port=29500, nnodes=2, node_rank=1)
+    assert [(s.rank, s.device) for s in specs] == [(2, "cuda:0"), (3, "cuda:1")]
+
+
+def test_cpu_ranks_share_the_cores(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert cpu_threads(1) is None
+    assert cpu_threads(2) == 4
+    assert cpu_threads(16) == 1
+    specs = group_specs(ShardSpec(model_path="m"), 2, num_groups=2)
+    assert [s.num_threads for s in specs] == [2, 2]
+    assert specs[0].master_port == specs[1].master_port > 0

@@ -11,6 +11,7 @@ COMMANDS = {
     "bench": "load a running OpenAI-compatible server; latency percentiles and throughput",
     "bench-engine": "offline engine benchmark against transformers generate",
     "bench-serve": "server benchmark against transformers serve, in one run",
+    "bench-tp": "tensor-parallel overhead: TP=2 vs TP=1 step time and collective cost",
 }
 
 
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.bench_serve import main as bench_serve
 
         return bench_serve(argv)
+    if command == "bench-tp":
+        from launcher.bench_tp import main as bench_tp
+
+        return bench_tp(argv)
     if command == "bench-engine":
         from launcher.bench_engine import main as bench
 

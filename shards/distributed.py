@@ -23,6 +23,9 @@ from layers.parallel import SINGLE, ParallelContext
 log = logging.getLogger("shardserve.distributed")
 
 
+GLOO_GATHER_REDUCE_MAX = 1 << 16  # elements: a decode batch's activations, not a long prefill
+
+
 class CollectiveError(RuntimeError):
     """A peer left the group, hung past the timeout, or never joined."""
 
@@ -64,7 +67,8 @@ def init_group(
         master_addr,
         master_port,
     )
-    return ParallelContext(rank, world_size), plan_group
+    gather_reduce_max = GLOO_GATHER_REDUCE_MAX if backend == "gloo" else 0
+    return ParallelContext(rank, world_size, gather_reduce_max=gather_reduce_max), plan_group
 
 
 def leave_group() -> None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from launcher.groups import cpu_threads, group_specs
 from layers.parallel import ShardingError
 from shards.model_config import check_tensor_parallel, model_config_from_dict
 from shards.wire import ShardSpec
 from tests.tiny import build_hf_model, make_worker, our_logits, save_checkpoint, tiny_config
-from tests.tp_helpers import tp_logits
+from tests.tp_helpers import all_reduce_results, tp_logits
 
 ATOL = 1e-4
 
@@ -139,3 +140,12 @@ def test_cpu_ranks_share_the_cores(monkeypatch):
     specs = group_specs(ShardSpec(model_path="m"), 2, num_groups=2)
     assert [s.num_threads for s in specs] == [2, 2]
     assert specs[0].master_port == specs[1].master_port > 0
+
+
+def test_all_reduce_sums_over_ranks_on_both_paths(tmp_path):
+    ws = 3
+    per_rank = all_reduce_results(tmp_path, ws)
+    factor = sum(r + 1 for r in range(ws))
+    for n, got in per_rank[0].items():
+        assert torch.equal(got, torch.arange(n, dtype=torch.float32) * factor), n
+        assert all(torch.equal(got, other[n]) for other in per_rank[1:])  # same bits everywhere

@@ -38,3 +38,23 @@ def tp_logits(
         start_method="spawn",
     )
     return torch.load(out)
+
+
+def _reduce_main(rank: int, ws: int, port: int, out: str):
+    from shards.distributed import init_group
+
+    pctx, _ = init_group(rank, ws, "cpu", "127.0.0.1", port, 60.0)
+    results = {}
+    for n in (7, pctx.gather_reduce_max, pctx.gather_reduce_max + 1):  # gather path, then ring
+        x = torch.arange(n, dtype=torch.float32) * (rank + 1)
+        results[n] = pctx.all_reduce(x.clone())
+    torch.save(results, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def all_reduce_results(tmp: Path, ws: int) -> list[dict]:
+    """Each rank's all_reduce of arange(n) * (rank + 1), for sizes on both sides of the
+    gather threshold."""
+    out = str(tmp / "reduce")
+    mp.start_processes(_reduce_main, args=(ws, free_port(), out), nprocs=ws, start_method="spawn")
+    return [torch.load(f"{out}.{r}") for r in range(ws)]

@@ -4,6 +4,7 @@ joins refused."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -153,3 +154,29 @@ def test_node_that_never_joins_is_a_clear_error(tmp_path_factory, tiny_folder):
     assert server.proc.wait(timeout=120) == 1
     assert "could not join the group" in server.logs()
     server.stop()
+
+
+def test_hung_rank_fails_requests_and_stops_the_server(tmp_path_factory, tiny_folder):
+    server = _start(
+        tmp_path_factory,
+        "tp-hang",
+        tiny_folder,
+        "--num-gpus",
+        "2",
+        env={"COLLECTIVE_TIMEOUT": "10"},
+    )
+    (victim,) = _shard_pids(server, rank=1, group=0)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"prompt": "Hello", "max_tokens": 4, "temperature": 0},
+            timeout=120,
+        )
+        assert r.status_code == 503, r.text  # an error within the timeout, never a hang
+        assert server.proc.wait(timeout=120) != 0
+        assert "shard 0/2 of worker group 0" in server.logs()
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the launcher has killed it by now
+            os.kill(victim, signal.SIGCONT)
+        server.stop()

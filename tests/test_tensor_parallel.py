@@ -149,3 +149,56 @@ def test_all_reduce_sums_over_ranks_on_both_paths(tmp_path):
     for n, got in per_rank[0].items():
         assert torch.equal(got, torch.arange(n, dtype=torch.float32) * factor), n
         assert all(torch.equal(got, other[n]) for other in per_rank[1:])  # same bits everywhere
+
+
+def _tp(argv: list[str], device: str, gpus: int) -> int:
+    from launcher.config import load_config
+    from launcher.model_resolution import ResolvedModel
+    from launcher.serve import tensor_parallel_size
+
+    c = load_config(["--model-path", "/nonexistent", *argv], {})
+    return tensor_parallel_size(c, ResolvedModel("/m", "m", _cfg(), False), device, gpus)
+
+
+def test_tp_defaults_and_limits():
+    from launcher.config import ConfigError
+
+    assert _tp([], "cpu", 0) == 1
+    assert _tp([], "cuda", 4) == 4
+    assert _tp(["--worker-num", "2"], "cuda", 4) == 2
+    assert _tp(["--nnodes", "2", "--master-port", "29500"], "cuda", 2) == 4
+    with pytest.raises(ConfigError, match="needs 4 GPUs on this node; 2 visible"):
+        _tp(["--num-gpus", "4"], "cuda", 2)
+    with pytest.raises(ConfigError, match="needs 4 GPUs on this node; 3 visible"):
+        _tp(["--num-gpus", "2", "--worker-num", "2"], "cuda", 3)
+    with pytest.raises(ConfigError, match="--num-gpus 3: tensor parallel size 3"):
+        _tp(["--num-gpus", "3"], "cpu", 0)
+    with pytest.raises(ConfigError, match="does not split evenly over --nnodes 2"):
+        _tp(["--num-gpus", "3", "--nnodes", "2", "--master-port", "1"], "cpu", 0)
+
+
+def test_a_rank_loads_only_its_slices(tmp_path):
+    from layers.attention.backend import select_backend
+    from layers.parallel import ParallelContext
+    from shards.loader import load_weights
+    from shards.model_config import load_model_config
+    from shards.models.base import BuildContext
+    from shards.models.registry import model_class
+
+    hf = build_hf_model(tiny_config("llama", num_attention_heads=8, num_key_value_heads=4))
+    folder = save_checkpoint(hf, tmp_path / "model", "bin")  # .bin: read whole, then sliced
+    cfg = load_model_config(folder)
+    loaded = []
+    for ws in (1, 2, 4):
+        bc = BuildContext(
+            pctx=ParallelContext(rank=ws - 1, world_size=ws),
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            backend=select_backend(torch.device("cpu"), torch.float32),
+            max_position=cfg.max_position_embeddings,
+        )
+        model = model_class(cfg.architecture)(cfg, bc)
+        loaded.append(load_weights(model, str(folder), progress=False)["bytes"])
+    # everything but the norms is split: each rank holds about 1/TP of the bytes
+    assert loaded[1] < 0.55 * loaded[0]
+    assert loaded[2] < 0.3 * loaded[0]

@@ -27,7 +27,11 @@ class ModelRunner:
         vocab_size: int,
         device: torch.device,
         seed: int | None = None,
+        driver: bool = True,
     ) -> None:
+        # Only the driver (rank 0) samples and answers; other tensor-parallel ranks run the
+        # same forward and join its collectives, including the LM head's gather.
+        self.driver = driver
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -37,6 +41,8 @@ class ModelRunner:
         self.states: dict[int, SeqSamplingState] = {}
 
     def _update_states(self, plan: StepPlan) -> None:
+        if not self.driver:
+            return
         for seq_id in plan.finished_seq_ids:
             self.states.pop(seq_id, None)
         for new in plan.new_seqs:
@@ -88,19 +94,23 @@ class ModelRunner:
         outputs: dict[int, SeqOutput] = {}
         if sampled:
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-            states = [self.states[s.seq_id] for s in sampled]
-            out = self.sampler.sample(logits.float(), states)
-            for i, (s, st) in enumerate(zip(sampled, states)):
-                want = st.params.logprobs is not None
-                outputs[s.seq_id] = SeqOutput(
-                    s.seq_id,
-                    [out.token_ids[i]],
-                    [out.logprobs[i]] if want else None,
-                    [out.top_logprobs[i]] if want and out.top_logprobs[i] is not None else None,
-                )
+            if self.driver:
+                self._sample(logits, sampled, outputs)
         self._score_prompts(hidden, seqs, last_rows, outputs)
         ordered = [outputs[s.seq_id] for s in plan.seqs if s.seq_id in outputs]
         return StepResult(plan.step_id, ordered, time.perf_counter() - started)
+
+    def _sample(self, logits, sampled: list[ScheduledSeq], outputs: dict[int, SeqOutput]) -> None:
+        states = [self.states[s.seq_id] for s in sampled]
+        out = self.sampler.sample(logits.float(), states)
+        for i, (s, st) in enumerate(zip(sampled, states)):
+            want = st.params.logprobs is not None
+            outputs[s.seq_id] = SeqOutput(
+                s.seq_id,
+                [out.token_ids[i]],
+                [out.logprobs[i]] if want else None,
+                [out.top_logprobs[i]] if want and out.top_logprobs[i] is not None else None,
+            )
 
     def _score_prompts(self, hidden, seqs, last_rows, outputs: dict[int, SeqOutput]) -> None:
         """Logprobs of each prompt token given the ones before it, for sequences that ask."""
@@ -109,7 +119,10 @@ class ModelRunner:
                 continue
             first = last - len(s.token_ids) + 1
             rows = torch.arange(first, first + len(s.prompt_targets), device=self.device)
-            logprobs = self.model.compute_logits(hidden[rows]).float().log_softmax(dim=-1)
+            logits = self.model.compute_logits(hidden[rows])
+            if not self.driver:
+                continue
+            logprobs = logits.float().log_softmax(dim=-1)
             targets = torch.tensor(s.prompt_targets, device=self.device)
             out = outputs.setdefault(s.seq_id, SeqOutput(s.seq_id, []))
             out.prompt_logprobs = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()

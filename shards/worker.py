@@ -114,7 +114,13 @@ class Worker:
         self.num_blocks = num_blocks
         self.attention_backend = backend.name
         self.runner = ModelRunner(
-            self.model, caches, self.block_size, self.cfg.vocab_size, self.device, spec.seed
+            self.model,
+            caches,
+            self.block_size,
+            self.cfg.vocab_size,
+            self.device,
+            spec.seed,
+            driver=spec.rank == 0,
         )
         log.info(
             "shard %d/%d of group %d ready: %s %s on %s, %s attention, "

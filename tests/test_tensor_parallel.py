@@ -65,9 +65,15 @@ def test_tp_greedy_output_equals_one_rank(folder):
     greedy = GenerationParams(
         max_tokens=12, sampling=SamplingParams(temperature=0.0), ignore_eos=True
     )
+    scored = GenerationParams(
+        max_tokens=4,
+        sampling=SamplingParams(temperature=0.0, logprobs=0, prompt_logprobs=0),
+        ignore_eos=True,
+    )
     vocab = make_worker(folder).cfg.vocab_size
     prompts = [_tokens(n, vocab) for n in (3, 9, 17, 26)]  # mixed prefill and decode steps
-    outs = []
+    params = [greedy, greedy, scored, greedy]  # one prompt also scored, as echo+logprobs does
+    outs, logprobs = [], []
     for tp in (1, 2):
         with LLM(
             str(folder),
@@ -78,9 +84,13 @@ def test_tp_greedy_output_equals_one_rank(folder):
             max_num_batched_tokens=24,  # forces chunked prefill next to decodes
             num_threads=1,
         ) as llm:
-            outs.append([c.token_ids for c in llm.generate(prompts, greedy)])
+            done = llm.generate(prompts, params)
+            outs.append([c.token_ids for c in done])
+            logprobs.append(torch.tensor(done[2].prompt_logprobs + done[2].logprobs))
     assert outs[0] == outs[1]
-    assert all(len(t) == 12 for t in outs[0])
+    assert [len(t) for t in outs[0]] == [12, 12, 4, 12]
+    assert len(logprobs[0]) == 17 - 1 + 4
+    assert (logprobs[0] - logprobs[1]).abs().max().item() <= ATOL
 
 
 def _cfg(**kw):

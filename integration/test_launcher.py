@@ -51,7 +51,7 @@ def test_folder_without_weights_is_named(tmp_path, tiny_folder):
         (["--nnodes", "2"], {}, "--master-port"),
         (["--nnodes", "2", "--master-port", "1234"], {"WORKER_NUM": "2"}, "one worker group"),
         (["--node-rank", "1"], {}, "--node-rank must be in 0..0"),
-        ([], {"QUANTIZATION": "ifq"}, "not supported yet"),
+        ([], {"QUANTIZATION": "fp8"}, "not supported yet"),
         (["--use-lookahead"], {}, "not supported yet"),
         ([], {"CONV_TEMPLATE": "no-such-template"}, "llama-3"),
         ([], {"TP": "zero"}, "TP"),

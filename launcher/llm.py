@@ -49,6 +49,7 @@ class LLM:
         progress: bool = False,
         num_threads: int | None = None,
         tensor_parallel_size: int = 1,
+        quantization: str = "none",
     ) -> None:
         if model is None:
             from launcher.embedded import ensure_embedded_model
@@ -66,6 +67,7 @@ class LLM:
             progress=progress,
             num_threads=num_threads,
             world_size=tensor_parallel_size,
+            quantization=quantization,
         )
         if shard_process or tensor_parallel_size > 1:  # ranks are always processes
             from launcher.shard_process import ShardProcess

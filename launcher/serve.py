@@ -25,14 +25,36 @@ log = logging.getLogger("shardserve.launcher")
 
 def _refuse_unsupported(c: Config) -> None:
     """Flags whose features are not built yet: accepted by the parser, refused here."""
-    if c.quantization != "none":
-        raise ConfigError(f"--quantization {c.quantization}: quantization is not supported yet")
+    if c.quantization not in ("none", "ifq", "auto"):
+        raise ConfigError(f"--quantization {c.quantization}: this mode is not supported yet")
     if c.use_lookahead:
         raise ConfigError("--use-lookahead: lookahead decoding is not supported yet")
     if not c.enforce_eager:
         if _device()[0] == "cuda":
             raise ConfigError("--enforce-eager 0: CUDA graph capture is not supported yet")
         log.info("--enforce-eager 0 has no effect on CPU: there are no CUDA graphs to capture")
+
+
+SMOOTHQUANT_FILE = "smoothq_model-8bit-auto.safetensors"
+
+
+def resolve_quantization(c: Config, model_path: str, device: str) -> str:
+    """`auto` by the spec's rules: a smoothquant checkpoint in the folder → smoothquant;
+    hardware that cannot run quantized kernels → none; otherwise ifq."""
+    if c.quantization != "auto":
+        return c.quantization
+    if os.path.exists(os.path.join(model_path, SMOOTHQUANT_FILE)):
+        raise ConfigError(
+            f"QUANTIZATION=auto found {SMOOTHQUANT_FILE} in {model_path}, which selects "
+            "smoothquant; smoothquant is not supported yet"
+        )
+    from layers.quant.int8 import fbgemm_available
+
+    if device == "cpu" and not fbgemm_available():
+        log.info("QUANTIZATION=auto: none (this CPU build has no FBGEMM int8 kernels)")
+        return "none"
+    log.info("QUANTIZATION=auto: ifq (no %s in the model folder)", SMOOTHQUANT_FILE)
+    return "ifq"
 
 
 def tensor_parallel_size(c: Config, model: ResolvedModel, device: str, gpus: int) -> int:
@@ -103,7 +125,7 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
         max_model_len=max_len,
         max_num_batched_tokens=batched,
         seed=c.seed,
-        quantization=c.quantization,
+        quantization=resolve_quantization(c, model.path, device),
         collective_timeout_s=c.collective_timeout,
     )
     groups = [

@@ -12,7 +12,7 @@ from torch import nn
 
 from layers.linear import WHOLE, SliceSpec, Split
 from layers.parallel import SINGLE, ParallelContext
-from layers.quant.base import ONEDNN_BATCH_HINT, onednn_available, onednn_linear
+from layers.quant.base import ONEDNN_BATCH_HINT, QuantMode, onednn_available, onednn_linear
 
 _ROW_ALIGN = 16
 
@@ -61,6 +61,20 @@ class VocabParallelEmbedding(nn.Module):
         return self.pctx.all_reduce(self.forward_local(input_ids))
 
 
+class _HeadMatmul(nn.Module):
+    """The LM head's local matmul seen as a linear, so a quantization mode can own it. Its rows
+    are this rank's vocab slice: output channels, like a column-parallel linear."""
+
+    split = Split.COLUMN
+
+    def __init__(self, weight: torch.Tensor, pctx: ParallelContext, quant: QuantMode) -> None:
+        super().__init__()
+        self.pctx = pctx
+        self.quant = quant
+        self.out_local, self.in_local = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)  # shares storage until finalize
+
+
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits over this rank's vocab rows; `forward` gathers them into the full vocabulary.
 
@@ -68,21 +82,34 @@ class ParallelLMHead(VocabParallelEmbedding):
     (the plain weight stays: a tied embedding still looks rows up in it).
     """
 
-    def __init__(self, *args, fast: bool = False, **kwargs) -> None:
+    def __init__(self, *args, fast: bool = False, quant: QuantMode | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.fast = fast
         self.packed_weight = None
+        self.quant = quant if quant is not None and quant.name != "none" else None
+        self.quantized: _HeadMatmul | None = None
+
+    tied = False
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         assert embedding.weight.shape == self.weight.shape
         self.weight = embedding.weight
+        self.tied = True
 
     def finalize_weights(self) -> None:
         w = self.weight
+        if self.quant is not None:
+            self.quantized = _HeadMatmul(w.data, self.pctx, self.quant)
+            self.quant.finalize(self.quantized)
+            if not self.tied:  # a tied weight still serves the embedding's lookups
+                self.weight.data = torch.empty(0, w.shape[1], dtype=w.dtype, device=w.device)
+            return
         if self.fast and w.device.type == "cpu" and w.dtype == torch.float32 and onednn_available():
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.data, ONEDNN_BATCH_HINT)
 
     def forward_local(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quant.apply(self.quantized, hidden, None)
         if self.packed_weight is not None:
             return onednn_linear(hidden, self.packed_weight, None, self.local_vocab_size)
         return F.linear(hidden, self.weight)

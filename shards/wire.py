@@ -133,6 +133,7 @@ class ShardSpec:
     max_num_batched_tokens: int = 2048
     seed: int | None = None
     quantization: str = "none"
+    fast_kernels: bool = True  # False: only the plain-torch reference paths (tests)
     rank: int = 0
     world_size: int = 1
     group_index: int = 0  # which worker group (WORKER_NUM), for messages

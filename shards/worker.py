@@ -47,6 +47,26 @@ def resolve_dtype(
     return dtype
 
 
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights as served: quantized layers count their quantized form, a tied weight
+    counts once, packed copies replace what they pack."""
+    seen: set[int] = set()
+    total = 0
+    for m in model.modules():
+        quant = getattr(m, "quant", None)
+        if quant is not None and getattr(m, "weight", None) is None:  # quantized and freed
+            total += quant.weight_bytes(m)
+        packed = getattr(m, "packed_weight", None)
+        for name, p in m.named_parameters(recurse=False):
+            if id(p) in seen or (name == "weight" and packed is not None):
+                continue
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+        if packed is not None:
+            total += packed.numel() * packed.element_size()
+    return total
+
+
 def resolve_max_model_len(cfg: ModelConfig, requested: int | None) -> int:
     return requested or cfg.max_position_embeddings
 
@@ -85,16 +105,12 @@ class Worker:
             backend=backend,
             max_position=self.max_model_len,
             quantization=spec.quantization,
+            fast_kernels=spec.fast_kernels,
         )
         with torch.device(self.device):
             self.model = model_class(self.cfg.architecture)(self.cfg, bc).eval()
         self.load_report = load_weights(self.model, spec.model_path, progress=spec.progress)
-        tensors = {id(p): p for p in self.model.parameters()}
-        for m in self.model.modules():
-            packed = getattr(m, "packed_weight", None)
-            if packed is not None:
-                tensors[id(packed)] = packed
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.weight_bytes = model_weight_bytes(self.model)
         attn = next(m for m in self.model.modules() if isinstance(m, Attention))
         self.kv_heads, self.head_dim = attn.local_num_kv_heads, attn.head_dim
         self.kv_block_bytes = kv_cache.block_bytes(

@@ -11,7 +11,7 @@ from launcher.groups import free_port
 from tests.tiny import make_worker, our_logits
 
 
-def _rank_main(rank: int, ws: int, port: int, folder: str, tokens, prompt_len, chunk, out):
+def _rank_main(rank: int, ws: int, port: int, folder: str, tokens, prompt_len, chunk, out, kw):
     worker = make_worker(
         folder,
         rank=rank,
@@ -19,6 +19,7 @@ def _rank_main(rank: int, ws: int, port: int, folder: str, tokens, prompt_len, c
         master_port=port,
         num_threads=1,
         collective_timeout_s=60.0,
+        **kw,
     )
     logits = our_logits(worker, tokens, prompt_len, chunk)
     if rank == 0:
@@ -28,12 +29,14 @@ def _rank_main(rank: int, ws: int, port: int, folder: str, tokens, prompt_len, c
 
 
 def tp_logits(
-    folder: Path, ws: int, tokens: list[int], prompt_len: int, chunk: int | None = None
+    folder: Path, ws: int, tokens: list[int], prompt_len: int, chunk: int | None = None, **kw
 ) -> torch.Tensor:
+    """Rank 0's logits of `our_logits` with every rank in its own process; `kw` goes to each
+    rank's ShardSpec."""
     out = folder.parent / f"{folder.name}-tp{ws}-logits.pt"
     mp.start_processes(
         _rank_main,
-        args=(ws, free_port(), str(folder), tokens, prompt_len, chunk, str(out)),
+        args=(ws, free_port(), str(folder), tokens, prompt_len, chunk, str(out), kw),
         nprocs=ws,
         start_method="spawn",
     )

@@ -26,6 +26,12 @@ class QuantMode:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def weight_bytes(self, layer: nn.Module) -> int:
+        """Bytes the layer's weight takes in this mode (bias not included)."""
+        t = getattr(layer, "packed_weight", None)
+        t = layer.weight if t is None else t
+        return t.numel() * t.element_size()
+
 
 # The row count oneDNN lays packed weights out for: measured best across 1-64 rows here.
 ONEDNN_BATCH_HINT = 64
@@ -84,9 +90,3 @@ class NoQuant(QuantMode):
         if layer.packed_weight is not None:
             return onednn_linear(x, layer.packed_weight, bias, layer.out_local)
         return F.linear(x, layer.weight, bias)
-
-
-def get_quant_mode(name: str, fast: bool = False) -> QuantMode:
-    if name == "none":
-        return NoQuant(fast)
-    raise ValueError(f"quantization mode {name!r} is not supported yet (known: none)")

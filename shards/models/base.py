@@ -10,7 +10,8 @@ import torch
 from layers.attention.backend import AttentionBackend
 from layers.linear import Split
 from layers.parallel import ParallelContext
-from layers.quant.base import QuantMode, get_quant_mode
+from layers.quant.base import QuantMode
+from layers.quant.registry import get_quant_mode
 
 
 @dataclass(frozen=True)

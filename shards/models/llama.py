@@ -143,6 +143,7 @@ class LlamaForCausalLM(nn.Module):
             dtype=bc.dtype,
             device=bc.device,
             fast=bc.fast_kernels,
+            quant=bc.quant(),
         )
         if cfg.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)

@@ -1,0 +1,21 @@
+"""Quantization modes by name (`QUANTIZATION`)."""
+
+from __future__ import annotations
+
+from layers.quant.base import NoQuant, QuantMode
+from layers.quant.int8 import Int8WeightOnly
+
+_MODES = {"none": NoQuant, "ifq": Int8WeightOnly}
+KNOWN_MODES = ("none", "ifq", "ifq_nf4", "fp8", "smoothquant", "auto")
+
+
+class QuantConfigError(ValueError):
+    """A quantization mode that cannot run here; the message says why."""
+
+
+def get_quant_mode(name: str, fast: bool = False) -> QuantMode:
+    if name not in _MODES:
+        if name in KNOWN_MODES:
+            raise QuantConfigError(f"quantization {name!r} is not supported yet")
+        raise QuantConfigError(f"unknown quantization {name!r} (known: {', '.join(KNOWN_MODES)})")
+    return _MODES[name](fast)

@@ -11,6 +11,7 @@ COMMANDS = {
     "bench": "load a running OpenAI-compatible server; latency percentiles and throughput",
     "bench-engine": "offline engine benchmark against transformers generate",
     "bench-serve": "server benchmark against transformers serve, in one run",
+    "bench-quant": "quantization modes: weight memory, perplexity, decode tok/s",
     "bench-tp": "tensor-parallel overhead: TP=2 vs TP=1 step time and collective cost",
 }
 
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.bench_serve import main as bench_serve
 
         return bench_serve(argv)
+    if command == "bench-quant":
+        from launcher.bench_quant import main as bench_quant
+
+        return bench_quant(argv)
     if command == "bench-tp":
         from launcher.bench_tp import main as bench_tp
 

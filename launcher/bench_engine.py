@@ -7,10 +7,11 @@ and prefill of a long prompt; prints ratios and our step-time breakdown.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import time
+
+from launcher.cli import write_report
 
 log = logging.getLogger("shardserve.bench")
 
@@ -151,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "ours": ours,
         "transformers": ref,
     }
-    print(_table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(_table(report), report, args.json)
     return 0
 
 

@@ -4,9 +4,10 @@ memory, perplexity on the fixed evaluation text, single-stream and 16-prompt dec
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
+
+from launcher.cli import write_report
 
 log = logging.getLogger("shardserve.bench")
 
@@ -69,8 +70,5 @@ def main(argv: list[str] | None = None) -> int:
             f"{(rel['perplexity'] - 1) * 100:+7.2f}% {r['single_tok_s']:13.1f} "
             f"{rel['single_tok_s']:7.2f}x {r['batch_tok_s']:18.1f} {rel['batch_tok_s']:7.2f}x"
         )
-    print("\n".join(lines))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report("\n".join(lines), report, args.json)
     return 0

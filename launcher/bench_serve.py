@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ import time
 import httpx
 
 from clients.bench import BenchConfig, run_bench
+from launcher.cli import write_report
 
 log = logging.getLogger("shardserve.bench")
 
@@ -164,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             report["transformers"] = _run_all(url, _loads(args))
         finally:
             _stop(theirs)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    print(_table(report))
+    write_report(_table(report), report, args.json)
     failed = sum(r["requests"]["failed"] for r in report["ours"].values())
     return 1 if failed else 0
 

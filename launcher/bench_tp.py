@@ -15,6 +15,8 @@ import os
 import tempfile
 import time
 
+from launcher.cli import write_report
+
 log = logging.getLogger("shardserve.bench")
 
 
@@ -152,8 +154,5 @@ def main(argv: list[str] | None = None) -> int:
         f"collectives per decode step: {per_step} all-reduces + 1 plan broadcast "
         f"≈ {per_step * one + c['plan broadcast us']:.0f} us (single stream)"
     )
-    print("\n".join(lines))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report("\n".join(lines), report, args.json)
     return 0

@@ -1,26 +1,57 @@
-"""`shardserve` and `python -m launcher`: serve, chat, bench, bench-engine."""
+"""`shardserve` and `python -m launcher`: serve, chat, and the load and benchmark commands."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import sys
 
+# name → (module, function, help); imported only when run, so `serve` never loads a benchmark
 COMMANDS = {
-    "serve": "serve a model with the OpenAI-compatible API (default)",
-    "chat": "chat with a running server, streamed, multi-turn",
-    "bench": "load a running OpenAI-compatible server; latency percentiles and throughput",
-    "bench-engine": "offline engine benchmark against transformers generate",
-    "bench-serve": "server benchmark against transformers serve, in one run",
-    "bench-quant": "quantization modes: weight memory, perplexity, decode tok/s",
-    "bench-tp": "tensor-parallel overhead: TP=2 vs TP=1 step time and collective cost",
+    "serve": ("launcher.serve", "serve", "serve a model with the OpenAI-compatible API (default)"),
+    "chat": ("clients.chat", "main", "chat with a running server, streamed, multi-turn"),
+    "bench": (
+        "clients.bench",
+        "main",
+        "load a running OpenAI-compatible server; latency percentiles and throughput",
+    ),
+    "bench-engine": (
+        "launcher.bench_engine",
+        "main",
+        "offline engine benchmark against transformers generate",
+    ),
+    "bench-serve": (
+        "launcher.bench_serve",
+        "main",
+        "server benchmark against transformers serve, in one run",
+    ),
+    "bench-quant": (
+        "launcher.bench_quant",
+        "main",
+        "quantization modes: weight memory, perplexity, decode tok/s",
+    ),
+    "bench-tp": (
+        "launcher.bench_tp",
+        "main",
+        "tensor-parallel overhead: TP=2 vs TP=1 step time and collective cost",
+    ),
 }
 
 
 def _usage() -> str:
     lines = ["usage: shardserve COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:14s} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:14s} {entry[2]}" for name, entry in COMMANDS.items()]
     lines += ["", "`shardserve COMMAND --help` shows a command's options."]
     return "\n".join(lines)
+
+
+def write_report(text: str, report: dict, json_path: str | None) -> None:
+    """A benchmark's ending: the table on stdout, the figures as JSON where asked."""
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,36 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     elif argv and argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
-    if command == "serve":
-        from launcher.serve import serve
-
-        return serve(argv)
-    if command == "chat":
-        from clients.chat import main as chat
-
-        return chat(argv)
-    if command == "bench":
-        from clients.bench import main as bench
-
-        return bench(argv)
-    if command == "bench-serve":
-        from launcher.bench_serve import main as bench_serve
-
-        return bench_serve(argv)
-    if command == "bench-quant":
-        from launcher.bench_quant import main as bench_quant
-
-        return bench_quant(argv)
-    if command == "bench-tp":
-        from launcher.bench_tp import main as bench_tp
-
-        return bench_tp(argv)
-    if command == "bench-engine":
-        from launcher.bench_engine import main as bench
-
-        return bench(argv)
-    print(f"unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
-    return 2
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, function, _ = COMMANDS[command]
+    return getattr(importlib.import_module(module), function)(argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from launcher.cli import write_report
 
 log = logging.getLogger("shardserve.bench")
 
-MODES = ("none", "ifq")
+MODES = ("none", "ifq", "fp8", "ifq_nf4")
 
 
 def _measure(model: str, mode: str, args) -> dict:

@@ -25,7 +25,7 @@ log = logging.getLogger("shardserve.launcher")
 
 def _refuse_unsupported(c: Config) -> None:
     """Flags whose features are not built yet: accepted by the parser, refused here."""
-    if c.quantization not in ("none", "ifq", "auto"):
+    if c.quantization == "smoothquant":
         raise ConfigError(f"--quantization {c.quantization}: this mode is not supported yet")
     if c.use_lookahead:
         raise ConfigError("--use-lookahead: lookahead decoding is not supported yet")
@@ -78,7 +78,26 @@ def tensor_parallel_size(c: Config, model: ResolvedModel, device: str, gpus: int
         check_tensor_parallel(model.config, tp)
     except ShardingError as e:
         raise ConfigError(f"--num-gpus {tp}: {e}") from e
+    if c.quantization == "ifq_nf4":
+        _check_nf4_groups(model.config, tp)
     return tp
+
+
+def _check_nf4_groups(cfg, tp: int) -> None:
+    """ifq_nf4 quantizes groups of 64 inputs: every rank's input width must hold whole groups."""
+    from layers.quant.dequant import NF4_GROUP
+
+    widths = {
+        "hidden size": cfg.hidden_size,
+        "attention output (heads x head_dim / TP)": cfg.num_attention_heads * cfg.head_dim // tp,
+        "intermediate size / TP": cfg.intermediate_size // tp,
+    }
+    bad = [f"{name} {n}" for name, n in widths.items() if n % NF4_GROUP]
+    if bad:
+        raise ConfigError(
+            f"QUANTIZATION=ifq_nf4 needs input widths divisible by its group of {NF4_GROUP}: "
+            f"{', '.join(bad)}"
+        )
 
 
 def _max_model_len(c: Config, model: ResolvedModel) -> int:

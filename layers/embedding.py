@@ -86,7 +86,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(*args, **kwargs)
         self.fast = fast
         self.packed_weight = None
-        self.quant = quant if quant is not None and quant.name != "none" else None
+        wanted = quant is not None and quant.name != "none" and quant.quantize_lm_head
+        self.quant = quant if wanted else None
         self.quantized: _HeadMatmul | None = None
 
     tied = False

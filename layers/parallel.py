@@ -31,8 +31,8 @@ class ParallelContext:
     world_size: int = 1
     group: Any = None  # torch.distributed ProcessGroup; None means the default group
     # Tensors up to this many elements are all-reduced as an all-gather and a local sum: over
-    # gloo one gather round trip is ~3.5x faster than its all-reduce for a decode step's
-    # activations (measured in BENCHMARKS.md). 0 = always the backend's all-reduce.
+    # gloo one gather round trip is ~1.8x faster than its ring all-reduce for a decode step's
+    # activations (BENCHMARKS.md). 0 = always the backend's all-reduce.
     gather_reduce_max: int = 0
 
     def __post_init__(self) -> None:

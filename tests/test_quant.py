@@ -80,8 +80,8 @@ def test_row_parallel_scales_cover_the_whole_row():
 def test_unknown_and_unbuilt_modes_are_clear_errors():
     with pytest.raises(QuantConfigError, match="unknown quantization 'int3'"):
         get_quant_mode("int3")
-    with pytest.raises(QuantConfigError, match="'fp8' is not supported yet"):
-        get_quant_mode("fp8")
+    with pytest.raises(QuantConfigError, match="'smoothquant' is not supported yet"):
+        get_quant_mode("smoothquant")
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +135,64 @@ def test_ifq_perplexity_on_the_embedded_model():
             ppl[mode] = perplexity(llm, eval_tokens(llm.tokenizer, 1024))
     # BENCHMARKS.md: +0.1 %; the guard is looser so machine noise in float sums cannot flake it
     assert ppl["ifq"] <= ppl["none"] * 1.02
+
+
+# -- fp8 and ifq_nf4 (dequantize-then-matmul) --------------------------------------------------
+
+
+def test_fp8_weights_round_to_e4m3_precision():
+    # e4m3 keeps 3 mantissa bits: a relative step of 2^-3, so rounding moves a weight by at most
+    # |w| / 16; below the smallest normal (2^-6 of the scale) steps are 2^-9 of the scale.
+    w = torch.randn(32, 64, generator=_gen(10)) * torch.rand(32, 1, generator=_gen(11)) * 4
+    layer = _linear(get_quant_mode("fp8"), w)
+    scale = layer.weight_scale[:, None]
+    err = (layer.quant.dequantized(layer) - w).abs()
+    assert torch.all(err <= w.abs() / 16 + scale * 2**-10 + 1e-7)
+    x = torch.randn(5, 64, generator=_gen(12))
+    torch.testing.assert_close(layer(x), x @ layer.quant.dequantized(layer).T, rtol=0, atol=1e-4)
+
+
+def test_nf4_codes_pack_two_per_byte_and_stay_within_half_a_level_gap():
+    from layers.quant.dequant import NF4_GROUP, NF4_LEVELS
+
+    w = torch.randn(8, 4 * NF4_GROUP, generator=_gen(13))
+    layer = _linear(get_quant_mode("ifq_nf4"), w)
+    assert layer.nf4_packed.dtype == torch.uint8 and layer.nf4_packed.shape == (8, 2 * NF4_GROUP)
+    deq = layer.quant.dequantized(layer)
+    group_max = w.view(8, 4, NF4_GROUP).abs().amax(2, keepdim=True)
+    half_gap = (NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max() / 2
+    err = (deq - w).view(8, 4, NF4_GROUP).abs()
+    assert torch.all(err <= group_max * half_gap + 1e-6)
+    # each group's largest weight is exactly representable (a level of ±1 times the scale)
+    torch.testing.assert_close(deq.view(8, 4, NF4_GROUP).abs().amax(2, keepdim=True), group_max)
+
+
+def test_nf4_group_that_does_not_divide_is_a_clear_error():
+    from layers.quant.dequant import GroupSizeError
+
+    with pytest.raises(GroupSizeError, match="groups of 64 inputs do not divide this rank's 96"):
+        ColumnParallelLinear(96, 32, quant=get_quant_mode("ifq_nf4"))
+
+
+@pytest.mark.parametrize("mode", ["fp8", "ifq_nf4"])
+def test_dequant_modes_tp2_equal_tp1(tiny_folder, mode):
+    tokens = _tokens(24)
+    ref = our_logits(make_worker(tiny_folder, quantization=mode), tokens, 16)
+    got = tp_logits(tiny_folder, 2, tokens, 16, quantization=mode)
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+# Measured (BENCHMARKS.md): fp8 +4.2 %, ifq_nf4 +25 %: over the targets (+2 %, +6 %) on
+# this model, whose weights were themselves rounded to Q4_1. These guards catch a broken mode.
+@pytest.mark.parametrize("mode,bound", [("fp8", 1.08), ("ifq_nf4", 1.35)])
+def test_dequant_modes_perplexity_on_the_embedded_model(mode, bound):
+    from launcher.embedded import ensure_embedded_model
+    from launcher.llm import LLM
+    from launcher.quality import eval_tokens, perplexity
+
+    folder = str(ensure_embedded_model())
+    ppl = {}
+    for m in ("none", mode):
+        with LLM(folder, quantization=m, kv_cache_memory=2**28, max_model_len=2048) as llm:
+            ppl[m] = perplexity(llm, eval_tokens(llm.tokenizer, 1024))
+    assert ppl[mode] <= ppl["none"] * bound

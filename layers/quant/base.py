@@ -14,6 +14,9 @@ from torch import nn
 
 class QuantMode:
     name = "abstract"
+    # Whether the LM head (its logits decide every token) takes this mode too, or stays in the
+    # compute dtype, as bitsandbytes-style 4-bit loading leaves it.
+    quantize_lm_head = True
 
     def create_weights(
         self, layer: nn.Module, out_local: int, in_local: int, dtype: torch.dtype, device

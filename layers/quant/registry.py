@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from layers.quant.base import NoQuant, QuantMode
+from layers.quant.dequant import Fp8WeightOnly, Nf4WeightOnly
 from layers.quant.int8 import Int8WeightOnly
 
-_MODES = {"none": NoQuant, "ifq": Int8WeightOnly}
+_MODES = {"none": NoQuant, "ifq": Int8WeightOnly, "fp8": Fp8WeightOnly, "ifq_nf4": Nf4WeightOnly}
 KNOWN_MODES = ("none", "ifq", "ifq_nf4", "fp8", "smoothquant", "auto")
 
 

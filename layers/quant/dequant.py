@@ -1,0 +1,138 @@
+"""Weight-only modes served by dequantize-then-matmul: `fp8` (float8_e4m3fn, one scale per
+output channel) and `ifq_nf4` (NF4 codes packed two per byte, one absmax scale per group of 64
+inputs). They hold 1/4 and ~1/7 of float32's bytes; every step rebuilds the float weight, so on
+CPU (and GPUs without fp8 matmuls) they trade speed for memory. The log says so at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layers.quant.base import QuantMode
+
+log = logging.getLogger("shardserve.quant")
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+NF4_GROUP = 64
+# The 16 NF4 levels: quantiles of a standard normal, scaled to [-1, 1], with an exact zero.
+NF4_LEVELS = torch.tensor(
+    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+)  # fmt: skip
+
+
+class GroupSizeError(ValueError):
+    """A layer whose inputs do not split into whole quantization groups."""
+
+
+def _check_groups(layer, out_local: int, in_local: int) -> None:
+    if in_local % NF4_GROUP:
+        raise GroupSizeError(
+            f"ifq_nf4 groups of {NF4_GROUP} inputs do not divide this rank's {in_local} "
+            f"inputs of {type(layer).__name__} ({out_local}x{in_local})"
+        )
+
+
+def _float_weight(layer, out_local, in_local, dtype, device) -> None:
+    layer.weight = nn.Parameter(
+        torch.empty(out_local, in_local, dtype=dtype, device=device), requires_grad=False
+    )
+
+
+def _row_absmax(layer, w: torch.Tensor) -> torch.Tensor:
+    absmax = w.abs().amax(dim=1).float()
+    if getattr(layer, "split", None) == "row":  # scales over the whole row, as every TP size
+        absmax = layer.pctx.all_reduce_max(absmax)
+    return absmax
+
+
+class _Announced(QuantMode):
+    _announced = False
+    # Measured on the embedded model: quantizing the LM head too doubles these modes' perplexity
+    # loss (fp8 +4.2 % -> +8 %, nf4 +25 % -> +52 %), and dequantizing it saves no time.
+    quantize_lm_head = False
+
+    def _announce(self, device: torch.device) -> None:
+        if not _Announced._announced:
+            _Announced._announced = True
+            log.info(
+                "quantization %s on %s: weights are dequantized at every step (memory saved, "
+                "not time)",
+                self.name,
+                device.type,
+            )
+
+
+class Fp8WeightOnly(_Announced):
+    name = "fp8"
+
+    def __init__(self, fast: bool = True) -> None:
+        self.fast = fast
+
+    def create_weights(self, layer, out_local, in_local, dtype, device) -> None:
+        _float_weight(layer, out_local, in_local, dtype, device)
+
+    def finalize(self, layer) -> None:
+        w = layer.weight.data
+        scale = (_row_absmax(layer, w) / FP8_MAX).clamp(min=1e-12)
+        layer.fp8_weight = (w.float() / scale[:, None]).to(torch.float8_e4m3fn)
+        layer.weight_scale = scale
+        del layer.weight
+        layer.weight = None
+        self._announce(w.device)
+
+    def dequantized(self, layer) -> torch.Tensor:
+        return layer.fp8_weight.float() * layer.weight_scale[:, None]
+
+    def weight_bytes(self, layer) -> int:
+        return layer.fp8_weight.numel() + layer.weight_scale.numel() * 4
+
+    def apply(self, layer, x, bias):
+        w = layer.fp8_weight.to(x.dtype)
+        y = F.linear(x, w) * layer.weight_scale.to(x.dtype)
+        return y + bias if bias is not None else y
+
+
+class Nf4WeightOnly(_Announced):
+    name = "ifq_nf4"
+
+    def __init__(self, fast: bool = True) -> None:
+        self.fast = fast
+
+    def create_weights(self, layer, out_local, in_local, dtype, device) -> None:
+        _check_groups(layer, out_local, in_local)
+        _float_weight(layer, out_local, in_local, dtype, device)
+
+    def finalize(self, layer) -> None:
+        w = layer.weight.data.float()
+        out_f, in_f = w.shape
+        _check_groups(layer, out_f, in_f)
+        groups = w.view(out_f, in_f // NF4_GROUP, NF4_GROUP)
+        scale = groups.abs().amax(dim=2).clamp(min=1e-12)  # [out, in / 64]
+        levels = NF4_LEVELS.to(w.device)
+        mids = (levels[1:] + levels[:-1]) / 2
+        codes = torch.bucketize(groups / scale[..., None], mids).to(torch.uint8).view(out_f, in_f)
+        layer.nf4_packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        layer.nf4_scale = scale
+        layer.nf4_levels = levels
+        del layer.weight
+        layer.weight = None
+        self._announce(w.device)
+
+    def dequantized(self, layer) -> torch.Tensor:
+        packed = layer.nf4_packed
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(packed.shape[0], -1)
+        w = layer.nf4_levels[codes.long()].view(codes.shape[0], -1, NF4_GROUP)
+        return (w * layer.nf4_scale[..., None]).view(codes.shape)
+
+    def weight_bytes(self, layer) -> int:
+        return layer.nf4_packed.numel() + layer.nf4_scale.numel() * 4
+
+    def apply(self, layer, x, bias):
+        return F.linear(x, self.dequantized(layer).to(x.dtype), bias)

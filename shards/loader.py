@@ -50,6 +50,7 @@ def load_weights(model: nn.Module, folder: str, progress: bool = True) -> dict:
     skipped = set(model.skipped_weights())
     modules = dict(model.named_modules())
     filled: set[tuple[int, str]] = set()
+    finalized: set[int] = set()
     started = time.monotonic()
     num_bytes = 0
     num_tensors = 0
@@ -104,10 +105,15 @@ def load_weights(model: nn.Module, folder: str, progress: bool = True) -> dict:
             if rule.fused:
                 offset += module.checkpoint_shape(pname, slot)[0]
         num_tensors += 1
+        if hasattr(module, "finalize_weights") and _complete(module, filled):
+            # Quantize (or repack) each layer as soon as it is whole, so the float copies of
+            # the whole model never sit in memory at once.
+            module.finalize_weights()
+            finalized.add(id(module))
     bar.close()
     _check_filled(model, filled, rules)
     for module in model.modules():
-        if hasattr(module, "finalize_weights"):
+        if hasattr(module, "finalize_weights") and id(module) not in finalized:
             module.finalize_weights()
     report = {
         "tensors": num_tensors,
@@ -124,6 +130,11 @@ def load_weights(model: nn.Module, folder: str, progress: bool = True) -> dict:
         report["peak_rss_bytes"] / 2**20,
     )
     return report
+
+
+def _complete(module: nn.Module, filled: set[tuple[int, str]]) -> bool:
+    slots = module.slots() if hasattr(module, "slots") else {"": 0}
+    return all((id(p), slot) in filled for p in module.parameters(recurse=False) for slot in slots)
 
 
 def _peak_rss() -> int:

@@ -36,6 +36,23 @@ class QuantMode:
         return t.numel() * t.element_size()
 
 
+def float_weight(layer: nn.Module, out_local: int, in_local: int, dtype, device) -> None:
+    """The local weight in the compute dtype, for the loader to fill (online modes quantize it
+    in `finalize`)."""
+    layer.weight = nn.Parameter(
+        torch.empty(out_local, in_local, dtype=dtype, device=device), requires_grad=False
+    )
+
+
+def row_absmax(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """Each output channel's largest |weight|. A row-parallel layer holds a slice of each row,
+    so its maxima are all-reduced: every TP size then picks the same scales."""
+    absmax = w.abs().amax(dim=1).float()
+    if getattr(layer, "split", None) == "row":
+        absmax = layer.pctx.all_reduce_max(absmax)
+    return absmax
+
+
 # The row count oneDNN lays packed weights out for: measured best across 1-64 rows here.
 ONEDNN_BATCH_HINT = 64
 
@@ -78,9 +95,7 @@ class NoQuant(QuantMode):
         self.fast = fast
 
     def create_weights(self, layer, out_local, in_local, dtype, device) -> None:
-        layer.weight = nn.Parameter(
-            torch.empty(out_local, in_local, dtype=dtype, device=device), requires_grad=False
-        )
+        float_weight(layer, out_local, in_local, dtype, device)
         layer.packed_weight = None
 
     def finalize(self, layer) -> None:

@@ -10,9 +10,8 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from layers.quant.base import QuantMode
+from layers.quant.base import QuantMode, float_weight, row_absmax
 
 log = logging.getLogger("shardserve.quant")
 
@@ -39,19 +38,6 @@ def _check_groups(layer, out_local: int, in_local: int) -> None:
         )
 
 
-def _float_weight(layer, out_local, in_local, dtype, device) -> None:
-    layer.weight = nn.Parameter(
-        torch.empty(out_local, in_local, dtype=dtype, device=device), requires_grad=False
-    )
-
-
-def _row_absmax(layer, w: torch.Tensor) -> torch.Tensor:
-    absmax = w.abs().amax(dim=1).float()
-    if getattr(layer, "split", None) == "row":  # scales over the whole row, as every TP size
-        absmax = layer.pctx.all_reduce_max(absmax)
-    return absmax
-
-
 class _Announced(QuantMode):
     _announced = False
     # Measured on the embedded model: quantizing the LM head too doubles these modes' perplexity
@@ -76,11 +62,11 @@ class Fp8WeightOnly(_Announced):
         self.fast = fast
 
     def create_weights(self, layer, out_local, in_local, dtype, device) -> None:
-        _float_weight(layer, out_local, in_local, dtype, device)
+        float_weight(layer, out_local, in_local, dtype, device)
 
     def finalize(self, layer) -> None:
         w = layer.weight.data
-        scale = (_row_absmax(layer, w) / FP8_MAX).clamp(min=1e-12)
+        scale = (row_absmax(layer, w) / FP8_MAX).clamp(min=1e-12)
         layer.fp8_weight = (w.float() / scale[:, None]).to(torch.float8_e4m3fn)
         layer.weight_scale = scale
         del layer.weight
@@ -107,7 +93,7 @@ class Nf4WeightOnly(_Announced):
 
     def create_weights(self, layer, out_local, in_local, dtype, device) -> None:
         _check_groups(layer, out_local, in_local)
-        _float_weight(layer, out_local, in_local, dtype, device)
+        float_weight(layer, out_local, in_local, dtype, device)
 
     def finalize(self, layer) -> None:
         w = layer.weight.data.float()

@@ -17,9 +17,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from layers.quant.base import QuantMode
+from layers.quant.base import QuantMode, float_weight, row_absmax
 
 QMAX = 127
 
@@ -44,17 +43,12 @@ class Int8WeightOnly(QuantMode):
         self.fast = fast
 
     def create_weights(self, layer, out_local, in_local, dtype, device) -> None:
-        layer.weight = nn.Parameter(
-            torch.empty(out_local, in_local, dtype=dtype, device=device), requires_grad=False
-        )
+        float_weight(layer, out_local, in_local, dtype, device)
         layer.qweight = layer.weight_scale = layer.fbgemm_packed = None
 
     def finalize(self, layer) -> None:
         w = layer.weight.data
-        absmax = w.abs().amax(dim=1).float()
-        if getattr(layer, "split", None) == "row":
-            absmax = layer.pctx.all_reduce_max(absmax)
-        q, scale = quantize_rows(w, absmax)
+        q, scale = quantize_rows(w, row_absmax(layer, w))
         layer.qweight = layer.fbgemm_packed = None
         layer.weight_scale = scale.to(w.dtype if w.device.type != "cpu" else torch.float32)
         if self.fast and w.device.type == "cpu" and w.dtype == torch.float32 and fbgemm_available():

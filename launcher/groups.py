@@ -9,13 +9,25 @@ import dataclasses
 import os
 import socket
 
-from shards.wire import ShardSpec
+import orjson
+
+from shards.wire import ShardSpec, to_dict
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def shard_argv(spec: ShardSpec, socket_path: str) -> list[str]:
+    """`python -m shards.server` arguments for one rank; rank 0 alone listens for the router."""
+    argv = ["--spec", orjson.dumps(to_dict(spec)).decode()]
+    return argv + ["--socket", socket_path] if spec.rank == 0 else argv
+
+
+def socket_path(socket_dir: str, group_index: int) -> str:
+    return os.path.join(socket_dir, f"shard-{group_index}.sock")
 
 
 def cpu_threads(num_processes: int) -> int | None:

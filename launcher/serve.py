@@ -11,14 +11,14 @@ from dataclasses import dataclass
 import orjson
 
 from launcher.config import Config, ConfigError, load_config
-from launcher.groups import group_specs
+from launcher.groups import group_specs, shard_argv, socket_path
 from launcher.model_resolution import ResolvedModel, resolve_model
 from launcher.processes import Child, Supervisor, spawn, stop_all
 from layers.parallel import ShardingError
 from router.settings import SETTINGS_ENV, RouterSettings
 from router.templates import KNOWN_NAMES
 from shards.model_config import check_tensor_parallel
-from shards.wire import ShardSpec, to_dict
+from shards.wire import ShardSpec
 
 log = logging.getLogger("shardserve.launcher")
 
@@ -165,9 +165,7 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
     settings = RouterSettings(
         model_path=model.path,
         model_name=model.name,
-        shard_sockets=tuple(
-            os.path.join(socket_dir, f"shard-{g}.sock") for g in range(c.worker_num)
-        ),
+        shard_sockets=tuple(socket_path(socket_dir, g) for g in range(c.worker_num)),
         conv_template=c.conv_template,
         trust_remote_code=c.trust_remote_code,
         api_keys=c.api_keys,
@@ -181,15 +179,16 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
     return ProcessPlan(groups, settings)
 
 
-def _spawn_group(specs: list[ShardSpec], socket_path: str) -> list[Child]:
-    children = []
-    for spec in specs:
-        args = ["--spec", orjson.dumps(to_dict(spec)).decode()]
-        if spec.rank == 0:
-            args += ["--socket", socket_path]
-        name = f"shard {spec.rank}/{spec.world_size} of worker group {spec.group_index}"
-        children.append(spawn(name, "shards.server", args, group=spec.group_index))
-    return children
+def _spawn_group(specs: list[ShardSpec], socket_dir: str) -> list[Child]:
+    return [
+        spawn(
+            f"shard {s.rank}/{s.world_size} of worker group {s.group_index}",
+            "shards.server",
+            shard_argv(s, socket_path(socket_dir, s.group_index)),
+            group=s.group_index,
+        )
+        for s in specs
+    ]
 
 
 def serve(argv: list[str] | None = None) -> int:
@@ -202,8 +201,7 @@ def serve(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return 2
-    first = plan.groups[0][0] if plan.groups[0] else None
-    tp = first.world_size if first else 1
+    first = plan.groups[0][0]  # every node runs at least one rank of every group
     if plan.settings is None:
         log.info(
             "node %d of %d: shards of %s for the group at %s:%s",
@@ -220,16 +218,15 @@ def serve(argv: list[str] | None = None) -> int:
             model.path,
             config.host,
             config.port,
-            first.device.split(":")[0] if first else "cpu",
+            first.device.split(":")[0],
             config.worker_num,
-            tp,
+            first.world_size,
             config.nnodes,
         )
     children: list[Child] = []
     try:
-        for g, specs in enumerate(plan.groups):
-            sock = os.path.join(socket_dir, f"shard-{g}.sock")
-            children += _spawn_group(specs, sock)
+        for specs in plan.groups:
+            children += _spawn_group(specs, socket_dir)
         if plan.settings is not None:
             # Through the environment, not argv: the settings carry the API keys, and argv is
             # visible to every user of the machine.

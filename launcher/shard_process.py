@@ -3,28 +3,25 @@ its rank 0."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
 
-import orjson
-
-from launcher.groups import group_specs
+from launcher.groups import group_specs, shard_argv, socket_path
 from router.shard_client import ShardClient, ShardError
-from shards.wire import ShardInfo, ShardSpec, StepPlan, StepResult, to_dict
+from shards.wire import ShardInfo, ShardSpec, StepPlan, StepResult
 
 
 class ShardProcess:
     def __init__(self, spec: ShardSpec, socket_dir: str | None = None) -> None:
         self._dir = socket_dir or tempfile.mkdtemp(prefix="shardserve-")
-        self.socket_path = os.path.join(self._dir, f"shard-{spec.group_index}.sock")
-        self.procs: list[subprocess.Popen] = []
-        for rank_spec in group_specs(spec, spec.world_size, spec.group_index):
-            args = ["--spec", orjson.dumps(to_dict(rank_spec)).decode()]
-            if rank_spec.rank == 0:
-                args += ["--socket", self.socket_path]
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "shards.server", *args]))
+        self.socket_path = socket_path(self._dir, spec.group_index)
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "shards.server", *shard_argv(rank, self.socket_path)]
+            )
+            for rank in group_specs(spec, spec.world_size, spec.group_index)
+        ]
         self.proc = self.procs[0]
         try:
             self.client = ShardClient(

@@ -9,6 +9,7 @@ pool is dead only when every group is.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator
 
 from router.engine import AsyncEngine, EngineDeadError, RequestOutput
@@ -91,11 +92,7 @@ class EnginePool:
         if len(groups) == 1:
             return groups[0]
         out: dict = {k: sum(g[k] for g in groups) for k in _SUMMED}
-        finished: dict[str, int] = {}
-        for g in groups:
-            for reason, n in g["finished"].items():
-                finished[reason] = finished.get(reason, 0) + n
-        out["finished"] = finished
+        out["finished"] = dict(sum((Counter(g["finished"]) for g in groups), Counter()))
         out["dead"] = self.dead
         out["groups"] = [
             {"group": i, "dispatched": n, **g}

@@ -14,6 +14,10 @@ from torch import nn
 
 class QuantMode:
     name = "abstract"
+
+    def __init__(self, fast: bool = False) -> None:
+        self.fast = fast  # may use a faster kernel that must agree with the plain-torch path
+
     # Whether the LM head (its logits decide every token) takes this mode too, or stays in the
     # compute dtype, as bitsandbytes-style 4-bit loading leaves it.
     quantize_lm_head = True
@@ -42,6 +46,12 @@ def float_weight(layer: nn.Module, out_local: int, in_local: int, dtype, device)
     layer.weight = nn.Parameter(
         torch.empty(out_local, in_local, dtype=dtype, device=device), requires_grad=False
     )
+
+
+def drop_float_weight(layer: nn.Module) -> None:
+    """After quantizing: free the float copy, which is the memory quantization saves."""
+    del layer.weight
+    layer.weight = None
 
 
 def row_absmax(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
@@ -90,9 +100,6 @@ class NoQuant(QuantMode):
     """
 
     name = "none"
-
-    def __init__(self, fast: bool = False) -> None:
-        self.fast = fast
 
     def create_weights(self, layer, out_local, in_local, dtype, device) -> None:
         float_weight(layer, out_local, in_local, dtype, device)

@@ -11,7 +11,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from layers.quant.base import QuantMode, float_weight, row_absmax
+from layers.quant.base import QuantMode, drop_float_weight, float_weight, row_absmax
 
 log = logging.getLogger("shardserve.quant")
 
@@ -58,9 +58,6 @@ class _Announced(QuantMode):
 class Fp8WeightOnly(_Announced):
     name = "fp8"
 
-    def __init__(self, fast: bool = True) -> None:
-        self.fast = fast
-
     def create_weights(self, layer, out_local, in_local, dtype, device) -> None:
         float_weight(layer, out_local, in_local, dtype, device)
 
@@ -69,8 +66,7 @@ class Fp8WeightOnly(_Announced):
         scale = (row_absmax(layer, w) / FP8_MAX).clamp(min=1e-12)
         layer.fp8_weight = (w.float() / scale[:, None]).to(torch.float8_e4m3fn)
         layer.weight_scale = scale
-        del layer.weight
-        layer.weight = None
+        drop_float_weight(layer)
         self._announce(w.device)
 
     def dequantized(self, layer) -> torch.Tensor:
@@ -88,9 +84,6 @@ class Fp8WeightOnly(_Announced):
 class Nf4WeightOnly(_Announced):
     name = "ifq_nf4"
 
-    def __init__(self, fast: bool = True) -> None:
-        self.fast = fast
-
     def create_weights(self, layer, out_local, in_local, dtype, device) -> None:
         _check_groups(layer, out_local, in_local)
         float_weight(layer, out_local, in_local, dtype, device)
@@ -107,8 +100,7 @@ class Nf4WeightOnly(_Announced):
         layer.nf4_packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
         layer.nf4_scale = scale
         layer.nf4_levels = levels
-        del layer.weight
-        layer.weight = None
+        drop_float_weight(layer)
         self._announce(w.device)
 
     def dequantized(self, layer) -> torch.Tensor:

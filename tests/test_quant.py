@@ -67,9 +67,9 @@ def test_ifq_fast_path_agrees_with_the_reference(rows):
     assert torch.all((y_fast - y_ref).abs() <= 2e-3 * scale)
 
 
-def test_row_parallel_scales_cover_the_whole_row():
-    # Rank slices of a row-parallel weight, quantized alone, must not pick their own scales:
-    # one process cannot all-reduce, so this checks the layer asks the group (world size 1).
+def test_row_parallel_scales_are_row_maxima_over_127():
+    # One rank: the scale is the row's max / 127. That every TP size gets the same scales (the
+    # maxima all-reduced over ranks) is test_ifq_tp2_equals_tp1's job, over gloo.
     w = torch.randn(16, 32, generator=_gen(8))
     layer = RowParallelLinear(32, 16, quant=Int8WeightOnly(fast=False))
     layer.weight.data.copy_(w)

@@ -1,9 +1,11 @@
-"""Quantized serving through the API: `ifq` answers greedily as the offline engine does with the
-same mode, `auto` picks ifq here and says why, and an unbuilt mode is refused at start-up."""
+"""Quantized serving through the API: `ifq` and `smoothquant` answer greedily as the offline
+engine does with the same mode, `auto` picks as the spec says and says why, and a missing or
+mismatched SmoothQuant file is a start-up error."""
 
 from __future__ import annotations
 
 import httpx
+import torch
 
 from integration.conftest import start_server
 
@@ -39,24 +41,79 @@ def test_ifq_api_greedy_equals_offline_ifq(tmp_path_factory, tiny_folder):
     assert api == offline[0].text and api
 
 
-def test_auto_with_a_smoothquant_file_is_refused_until_built(tmp_path, tiny_folder):
+def _serve_fails(folder, env: dict) -> str:
     import os
-    import shutil
     import subprocess
     import sys
 
     from integration.conftest import ROOT
 
-    folder = tmp_path / "model"
-    shutil.copytree(tiny_folder, folder)
-    (folder / "smoothq_model-8bit-auto.safetensors").write_bytes(b"")
     r = subprocess.run(
         [sys.executable, "-m", "launcher", "serve", "--model-path", str(folder), "--port", "1"],
         cwd=ROOT,
-        env={**os.environ, "QUANTIZATION": "auto"},
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert r.returncode == 2
-    assert "selects smoothquant" in r.stderr
+    assert r.returncode == 2, r.stderr
+    return r.stderr
+
+
+def test_auto_serves_a_folder_holding_only_the_smoothquant_file(tmp_path_factory, tiny_folder):
+    from launcher.llm import LLM
+    from launcher.quantize import quantize
+    from router.params import GenerationParams
+    from shards.wire import SamplingParams
+
+    out = tmp_path_factory.mktemp("smoothquant") / "model"
+    quantize(str(tiny_folder), str(out), calibration_tokens=512, window=128, progress=False)
+    assert not list(out.glob("model*.safetensors"))  # only config, tokenizer and the file
+    messages = [{"role": "user", "content": "Name three colours."}]
+    server = start_server(
+        tmp_path_factory,
+        "smoothquant",
+        ["--model-path", str(out), "--kv-cache-memory", "64MiB"],
+        env={"QUANTIZATION": "auto"},
+    )
+    try:
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"messages": messages, "temperature": 0, "max_tokens": 16},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        api = r.json()["choices"][0]["message"]["content"]
+        assert "QUANTIZATION=auto: smoothquant" in server.logs()
+    finally:
+        server.stop()
+    with LLM(str(out), quantization="smoothquant", kv_cache_memory=2**26) as llm:
+        offline = llm.generate(
+            [llm.encode_chat(messages)],
+            GenerationParams(max_tokens=16, sampling=SamplingParams(temperature=0)),
+        )
+    assert api == offline[0].text and api
+
+
+def test_smoothquant_without_its_file_is_a_start_up_error(tiny_folder):
+    err = _serve_fails(tiny_folder, {"QUANTIZATION": "smoothquant"})
+    assert "smoothq_model-8bit-auto.safetensors" in err and "shardserve quantize" in err
+
+
+def test_a_smoothquant_file_for_another_model_is_a_start_up_error(tmp_path, tiny_folder):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from layers.quant.smoothquant import FORMAT, FORMAT_VERSION
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": "LlamaForCausalLM",
+            "hidden_size": "4096", "num_hidden_layers": "2", "vocab_size": "49152"}  # fmt: skip
+    save_file({"x": torch.zeros(1)}, str(folder / "smoothq_model-8bit-auto.safetensors"), meta)
+    err = _serve_fails(folder, {"QUANTIZATION": "auto"})
+    assert "was made for another model: hidden_size 4096 (config.json: 64)" in err
+    (folder / "smoothq_model-8bit-auto.safetensors").write_bytes(b"not safetensors")
+    err = _serve_fails(folder, {"QUANTIZATION": "smoothquant"})
+    assert "cannot read safetensors file" in err

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import time
 
 from launcher.cli import write_report
 
 log = logging.getLogger("shardserve.bench")
 
-MODES = ("none", "ifq", "fp8", "ifq_nf4")
+MODES = ("none", "ifq", "smoothquant", "fp8", "ifq_nf4")
 
 
 def _measure(model: str, mode: str, args) -> dict:
@@ -56,17 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.embedded import ensure_embedded_model
 
     model = args.model or str(ensure_embedded_model())
-    report = {m: _measure(model, m, args) for m in args.modes.split(",")}
+    modes = args.modes.split(",")
+    folders = dict.fromkeys(modes, model)
+    with tempfile.TemporaryDirectory() as tmp:
+        if "smoothquant" in modes:  # calibrated beside, so the model folder stays as it was
+            from launcher.quantize import quantize
+
+            folders["smoothquant"] = str(quantize(model, tmp).parent)
+        report = {m: _measure(folders[m], m, args) for m in modes}
     base = report.get("none")
     batch_col = f"{args.batch} prompts tok/s"
     lines = [
-        f"{'mode':6s} {'weights MiB':>12s} {'perplexity':>11s} {'vs none':>8s} "
+        f"{'mode':11s} {'weights MiB':>12s} {'perplexity':>11s} {'vs none':>8s} "
         f"{'single tok/s':>13s} {'vs none':>8s} {batch_col:>18s} {'vs none':>8s}"
     ]
     for mode, r in report.items():
         rel = {k: r[k] / base[k] if base else float("nan") for k in r}
         lines.append(
-            f"{mode:6s} {r['weight_mib']:12.1f} {r['perplexity']:11.4f} "
+            f"{mode:11s} {r['weight_mib']:12.1f} {r['perplexity']:11.4f} "
             f"{(rel['perplexity'] - 1) * 100:+7.2f}% {r['single_tok_s']:13.1f} "
             f"{rel['single_tok_s']:7.2f}x {r['batch_tok_s']:18.1f} {rel['batch_tok_s']:7.2f}x"
         )

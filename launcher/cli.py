@@ -31,6 +31,11 @@ COMMANDS = {
         "main",
         "quantization modes: weight memory, perplexity, decode tok/s",
     ),
+    "quantize": (
+        "launcher.quantize",
+        "main",
+        "calibrate SmoothQuant and write smoothq_model-8bit-auto.safetensors",
+    ),
     "bench-tp": (
         "launcher.bench_tp",
         "main",

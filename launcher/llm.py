@@ -50,12 +50,17 @@ class LLM:
         num_threads: int | None = None,
         tensor_parallel_size: int = 1,
         quantization: str = "none",
+        fast_kernels: bool = True,
     ) -> None:
         if model is None:
             from launcher.embedded import ensure_embedded_model
 
             model = str(ensure_embedded_model())
         self.model_path = model
+        if quantization == "auto":
+            from launcher.serve import resolve_quantization
+
+            quantization = resolve_quantization(quantization, model, "cpu")
         spec = ShardSpec(
             model_path=model,
             dtype=dtype,
@@ -68,6 +73,7 @@ class LLM:
             num_threads=num_threads,
             world_size=tensor_parallel_size,
             quantization=quantization,
+            fast_kernels=fast_kernels,
         )
         if shard_process or tensor_parallel_size > 1:  # ranks are always processes
             from launcher.shard_process import ShardProcess

@@ -41,7 +41,7 @@ def resolve_model(config: Config) -> ResolvedModel:
     try:
         cfg = load_model_config(path)
         check_architecture(cfg.architecture)
-        find_weight_files(path)
+        _check_weights(path, config.quantization)
     except (ModelConfigError, UnknownArchitectureError, CheckpointError) as e:
         raise ConfigError(f"--model-path {path}: {e}") from e
     if embedded:
@@ -51,3 +51,20 @@ def resolve_model(config: Config) -> ResolvedModel:
     else:
         default_name = os.path.basename(os.path.normpath(path))
     return ResolvedModel(path, config.model_id or default_name, cfg, embedded)
+
+
+def _check_weights(path: str, quantization: str) -> None:
+    """A folder may hold only the SmoothQuant file (the spec lets users delete the originals);
+    then only the modes that read it can serve it."""
+    from layers.quant.smoothquant import SMOOTHQUANT_FILE
+
+    try:
+        find_weight_files(path)
+    except CheckpointError as e:
+        if not os.path.isfile(os.path.join(path, SMOOTHQUANT_FILE)):
+            raise
+        if quantization not in ("smoothquant", "auto"):
+            raise CheckpointError(
+                f"{e}; it holds only {SMOOTHQUANT_FILE}, which QUANTIZATION=smoothquant or "
+                f"auto serves (not {quantization})"
+            ) from e

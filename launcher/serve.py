@@ -15,8 +15,10 @@ from launcher.groups import group_specs, shard_argv, socket_path
 from launcher.model_resolution import ResolvedModel, resolve_model
 from launcher.processes import Child, Supervisor, spawn, stop_all
 from layers.parallel import ShardingError
+from layers.quant.smoothquant import SMOOTHQUANT_FILE
 from router.settings import SETTINGS_ENV, RouterSettings
 from router.templates import KNOWN_NAMES
+from shards.checkpoint import CheckpointError, safetensors_metadata
 from shards.model_config import check_tensor_parallel
 from shards.wire import ShardSpec
 
@@ -25,8 +27,6 @@ log = logging.getLogger("shardserve.launcher")
 
 def _refuse_unsupported(c: Config) -> None:
     """Flags whose features are not built yet: accepted by the parser, refused here."""
-    if c.quantization == "smoothquant":
-        raise ConfigError(f"--quantization {c.quantization}: this mode is not supported yet")
     if c.use_lookahead:
         raise ConfigError("--use-lookahead: lookahead decoding is not supported yet")
     if not c.enforce_eager:
@@ -35,19 +35,14 @@ def _refuse_unsupported(c: Config) -> None:
         log.info("--enforce-eager 0 has no effect on CPU: there are no CUDA graphs to capture")
 
 
-SMOOTHQUANT_FILE = "smoothq_model-8bit-auto.safetensors"
-
-
-def resolve_quantization(c: Config, model_path: str, device: str) -> str:
+def resolve_quantization(mode: str, model_path: str, device: str) -> str:
     """`auto` by the spec's rules: a smoothquant checkpoint in the folder → smoothquant;
     hardware that cannot run quantized kernels → none; otherwise ifq."""
-    if c.quantization != "auto":
-        return c.quantization
+    if mode != "auto":
+        return mode
     if os.path.exists(os.path.join(model_path, SMOOTHQUANT_FILE)):
-        raise ConfigError(
-            f"QUANTIZATION=auto found {SMOOTHQUANT_FILE} in {model_path}, which selects "
-            "smoothquant; smoothquant is not supported yet"
-        )
+        log.info("QUANTIZATION=auto: smoothquant (%s is in the model folder)", SMOOTHQUANT_FILE)
+        return "smoothquant"
     from layers.quant.int8 import fbgemm_available
 
     if device == "cpu" and not fbgemm_available():
@@ -55,6 +50,41 @@ def resolve_quantization(c: Config, model_path: str, device: str) -> str:
         return "none"
     log.info("QUANTIZATION=auto: ifq (no %s in the model folder)", SMOOTHQUANT_FILE)
     return "ifq"
+
+
+def check_smoothquant_file(model_path: str, cfg) -> None:
+    """The SmoothQuant file exists, is ours, and was made for this model's shape."""
+    from layers.quant.smoothquant import FORMAT, FORMAT_VERSION
+
+    path = os.path.join(model_path, SMOOTHQUANT_FILE)
+    hint = "make it with `shardserve quantize --model-path <the float checkpoint>`"
+    if not os.path.isfile(path):
+        raise ConfigError(f"QUANTIZATION=smoothquant needs {path}; {hint}")
+    try:
+        meta = safetensors_metadata(path)
+    except CheckpointError as e:
+        raise ConfigError(f"QUANTIZATION=smoothquant: {e}; {hint}") from e
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise ConfigError(
+            f"{path}: not a {FORMAT} v{FORMAT_VERSION} file (format {meta.get('format')!r}, "
+            f"version {meta.get('version')!r}); {hint}"
+        )
+    expected = {
+        "architecture": cfg.architecture,
+        "hidden_size": str(cfg.hidden_size),
+        "num_hidden_layers": str(cfg.num_hidden_layers),
+        "vocab_size": str(cfg.vocab_size),
+    }
+    wrong = [
+        f"{k} {meta.get(k)} (config.json: {v})" for k, v in expected.items() if meta.get(k) != v
+    ]
+    if wrong:
+        raise ConfigError(f"{path} was made for another model: {', '.join(wrong)}; {hint}")
+    log.info(
+        "smoothquant: %s, calibrated on %s tokens",
+        SMOOTHQUANT_FILE,
+        meta.get("calibration_tokens", "?"),
+    )
 
 
 def tensor_parallel_size(c: Config, model: ResolvedModel, device: str, gpus: int) -> int:
@@ -131,6 +161,9 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
             f"CONV_TEMPLATE {c.conv_template!r} is unknown; known: {', '.join(KNOWN_NAMES)}"
         )
     device, gpus = _device()
+    quantization = resolve_quantization(c.quantization, model.path, device)
+    if quantization == "smoothquant":
+        check_smoothquant_file(model.path, model.config)
     tp = tensor_parallel_size(c, model, device, gpus)
     max_len = _max_model_len(c, model)
     batched = c.max_num_batched_tokens or max(max_len, 2048)
@@ -144,7 +177,7 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
         max_model_len=max_len,
         max_num_batched_tokens=batched,
         seed=c.seed,
-        quantization=resolve_quantization(c, model.path, device),
+        quantization=quantization,
         collective_timeout_s=c.collective_timeout,
     )
     groups = [

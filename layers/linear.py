@@ -37,6 +37,11 @@ class SliceSpec:
 
 WHOLE = SliceSpec(dim=None)
 
+# Quantized checkpoints store a linear as several tensors: these slice like the weight (rows =
+# outputs) or like the bias (one entry per output); INPUT_VECTOR has one entry per input.
+_ROLE = {"qweight": "weight", "weight_scale": "bias"}
+INPUT_VECTOR = "smooth"
+
 
 class ParallelLinear(nn.Module):
     split: Split
@@ -68,10 +73,21 @@ class ParallelLinear(nn.Module):
         return {"": self.out_local * self.pctx.world_size}
 
     def slice_for(self, param: str, slot: str) -> SliceSpec:
+        if param == INPUT_VECTOR:
+            return self._input_slice()
+        return self._slice(_ROLE.get(param, param), slot)
+
+    def _slice(self, param: str, slot: str) -> SliceSpec:
         raise NotImplementedError
+
+    def _input_slice(self) -> SliceSpec:
+        return WHOLE  # every rank sees all input features
 
     def checkpoint_shape(self, param: str, slot: str) -> tuple[int, ...]:
         """The full (unsliced) shape a checkpoint tensor for `param`/`slot` must have."""
+        if param == INPUT_VECTOR:
+            return (self.in_local,)
+        param = _ROLE.get(param, param)
         rows = self.slots()[slot]
         return (rows, self.in_local) if param == "weight" else (rows,)
 
@@ -109,7 +125,7 @@ class ColumnParallelLinear(ParallelLinear):
         )
         self.gather_output = gather_output
 
-    def slice_for(self, param: str, slot: str) -> SliceSpec:
+    def _slice(self, param: str, slot: str) -> SliceSpec:
         if self.pctx.world_size == 1:
             return WHOLE
         n = self.out_local
@@ -144,7 +160,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def local_sizes(self) -> list[int]:
         return [s // self.pctx.world_size for s in self.output_sizes.values()]
 
-    def slice_for(self, param: str, slot: str) -> SliceSpec:
+    def _slice(self, param: str, slot: str) -> SliceSpec:
         names = list(self.output_sizes)
         if slot not in names:
             raise KeyError(f"unknown slot {slot!r} (slots: {names})")
@@ -208,7 +224,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         kv = self.local_num_kv_heads * self.head_dim
         return [self.local_num_heads * self.head_dim, kv, kv]
 
-    def slice_for(self, param: str, slot: str) -> SliceSpec:
+    def _slice(self, param: str, slot: str) -> SliceSpec:
         q_local, kv_local, _ = self.local_sizes()
         d = self.head_dim
         if slot == "q":
@@ -243,17 +259,25 @@ class RowParallelLinear(ParallelLinear):
             in_local, output_size, output_size if bias else None, pctx, quant, dtype, device
         )
 
-    def slice_for(self, param: str, slot: str) -> SliceSpec:
+    def _slice(self, param: str, slot: str) -> SliceSpec:
         if self.pctx.world_size == 1 or param == "bias":
             return WHOLE
         n = self.in_local
         return SliceSpec(dim=1, src_start=self.pctx.rank * n, dst_start=0, length=n)
 
+    def _input_slice(self) -> SliceSpec:
+        if self.pctx.world_size == 1:
+            return WHOLE
+        n = self.in_local
+        return SliceSpec(dim=0, src_start=self.pctx.rank * n, dst_start=0, length=n)
+
     def slots(self) -> dict[str, int]:
         return {"": self.out_local}  # outputs are whole on every rank
 
     def checkpoint_shape(self, param: str, slot: str) -> tuple[int, ...]:
-        if param == "bias":
+        if param == INPUT_VECTOR:
+            return (self.in_local * self.pctx.world_size,)
+        if _ROLE.get(param, param) == "bias":
             return (self.out_local,)
         return (self.out_local, self.in_local * self.pctx.world_size)
 

@@ -66,10 +66,27 @@ def find_weight_files(folder: str | Path) -> tuple[str, dict[str, list[str]]]:
     raise CheckpointError(f"{folder}: no model weights (*.safetensors or *.bin) found")
 
 
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
+
+
 class CheckpointReader:
-    def __init__(self, folder: str | Path) -> None:
+    """The folder's model weights, or only `file` (a safetensors checkpoint beside them, such as
+    the SmoothQuant file) when given."""
+
+    def __init__(self, folder: str | Path, file: str | None = None) -> None:
         self.folder = Path(folder)
-        self.format, self.files = find_weight_files(self.folder)
+        if file is None:
+            self.format, self.files = find_weight_files(self.folder)
+        elif not (self.folder / file).is_file():
+            raise CheckpointError(f"{self.folder}: no {file}")
+        else:
+            self.format, self.files = "safetensors", {file: []}
 
     def tensors(self) -> Iterator[tuple[str, str, TensorHandle]]:
         """(file, tensor name, handle) for every tensor, one file open at a time."""

@@ -8,6 +8,7 @@ the tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import resource
@@ -16,7 +17,7 @@ import time
 from torch import nn
 from tqdm import tqdm
 
-from layers.linear import WHOLE, Split
+from layers.linear import INPUT_VECTOR, WHOLE, ParallelLinear, Split
 from shards.checkpoint import CheckpointReader
 
 log = logging.getLogger("shardserve.loader")
@@ -27,7 +28,8 @@ class LoadError(ValueError):
     pass
 
 
-def _pattern(name: str) -> tuple[str, str | None]:
+def name_pattern(name: str) -> tuple[str, str | None]:
+    """A checkpoint name with its layer index replaced by `{i}`, and that index."""
     m = _LAYER_INDEX.search(name)
     if not m:
         return name, None
@@ -38,17 +40,17 @@ def _expected_shape(module: nn.Module, pname: str, slots: tuple[str, ...], param
     if not hasattr(module, "checkpoint_shape"):
         return tuple(param.shape)
     shapes = [module.checkpoint_shape(pname, s) for s in slots]
-    if len(shapes) == 1:
+    if len(shapes) == 1 or pname == INPUT_VECTOR:  # one input vector serves every fused slot
         return shapes[0]
     return (sum(s[0] for s in shapes), *shapes[0][1:])
 
 
 def load_weights(model: nn.Module, folder: str, progress: bool = True) -> dict:
     """Load `folder` into `model`; returns a small report (tensors, bytes, seconds)."""
-    reader = CheckpointReader(folder)
-    rules = model.weight_rules()
-    skipped = set(model.skipped_weights())
     modules = dict(model.named_modules())
+    rules = _stored_rules(model.weight_rules(), modules)
+    reader = CheckpointReader(folder, _checkpoint_file(modules))
+    skipped = set(model.skipped_weights())
     filled: set[tuple[int, str]] = set()
     finalized: set[int] = set()
     started = time.monotonic()
@@ -57,7 +59,7 @@ def load_weights(model: nn.Module, folder: str, progress: bool = True) -> dict:
     bar = tqdm(desc="loading weights", unit="tensor", disable=not progress, mininterval=1.0)
     for file, name, handle in reader.tensors():
         bar.update(1)
-        pattern, idx = _pattern(name)
+        pattern, idx = name_pattern(name)
         rule = rules.get(pattern)
         if rule is None:
             if pattern in skipped:
@@ -132,6 +134,34 @@ def load_weights(model: nn.Module, folder: str, progress: bool = True) -> dict:
     return report
 
 
+def _linear_for(rule, modules: dict[str, nn.Module]) -> ParallelLinear | None:
+    module_path, pname = rule.target.rsplit(".", 1)
+    module = modules.get(module_path.replace("{i}", "0"))
+    return module if pname == "weight" and isinstance(module, ParallelLinear) else None
+
+
+def _stored_rules(rules: dict, modules: dict[str, nn.Module]) -> dict:
+    """The model's rules, with each linear's `.weight` replaced by the tensors its quant mode
+    stores in the checkpoint (`.qweight`, `.weight_scale`, ... for a pre-quantized file)."""
+    out = {}
+    for pattern, rule in rules.items():
+        linear = _linear_for(rule, modules)
+        if linear is None or linear.quant.stored_params == ("weight",):
+            out[pattern] = rule
+            continue
+        base, target = pattern.removesuffix(".weight"), rule.target.removesuffix(".weight")
+        for p in linear.quant.stored_params:
+            out[f"{base}.{p}"] = dataclasses.replace(rule, target=f"{target}.{p}")
+    return out
+
+
+def _checkpoint_file(modules: dict[str, nn.Module]) -> str | None:
+    """A pre-quantized mode reads its own file instead of the model's weights."""
+    linears = [m for m in modules.values() if isinstance(m, ParallelLinear)]
+    files = {m.quant.checkpoint_file for m in linears if m.quant.checkpoint_file}
+    return files.pop() if files else None
+
+
 def _complete(module: nn.Module, filled: set[tuple[int, str]]) -> bool:
     slots = module.slots() if hasattr(module, "slots") else {"": 0}
     return all((id(p), slot) in filled for p in module.parameters(recurse=False) for slot in slots)
@@ -153,7 +183,7 @@ def _check_filled(model: nn.Module, filled: set[tuple[int, str]], rules) -> None
             for slot in slots:
                 if (id(param), slot) in filled:
                     continue
-                target, idx = _pattern(f"{module_path}.{pname}")
+                target, idx = name_pattern(f"{module_path}.{pname}")
                 source = sources.get(f"{target}:{slot}", target).replace("{i}", idx or "{i}")
                 raise LoadError(
                     f"checkpoint is missing tensor {source!r} (for parameter "

@@ -77,11 +77,11 @@ def test_row_parallel_scales_are_row_maxima_over_127():
     assert torch.equal(layer.weight_scale, (w.abs().amax(1) / QMAX))
 
 
-def test_unknown_and_unbuilt_modes_are_clear_errors():
+def test_unknown_and_unresolved_modes_are_clear_errors():
     with pytest.raises(QuantConfigError, match="unknown quantization 'int3'"):
         get_quant_mode("int3")
-    with pytest.raises(QuantConfigError, match="'smoothquant' is not supported yet"):
-        get_quant_mode("smoothquant")
+    with pytest.raises(QuantConfigError, match="'auto' names no mode by itself"):
+        get_quant_mode("auto")
 
 
 @pytest.fixture(scope="module")

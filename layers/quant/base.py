@@ -21,6 +21,10 @@ class QuantMode:
     # Whether the LM head (its logits decide every token) takes this mode too, or stays in the
     # compute dtype, as bitsandbytes-style 4-bit loading leaves it.
     quantize_lm_head = True
+    # The checkpoint tensors that fill a linear, as `<linear>.<param>` (online modes read the
+    # float weight), and the file they come from when it is not the model's own weights.
+    stored_params: tuple[str, ...] = ("weight",)
+    checkpoint_file: str | None = None
 
     def create_weights(
         self, layer: nn.Module, out_local: int, in_local: int, dtype: torch.dtype, device

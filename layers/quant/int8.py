@@ -36,6 +36,16 @@ def quantize_rows(w: torch.Tensor, row_absmax: torch.Tensor) -> tuple[torch.Tens
     return q, scale
 
 
+def prepack_fbgemm(q: torch.Tensor, scale: torch.Tensor):
+    """int8 rows with one scale each, packed for FBGEMM's dynamic int8 linear."""
+    with warnings.catch_warnings():  # quantized tensors are deprecated; FBGEMM's
+        warnings.simplefilter("ignore")  # prepack still takes only them
+        qw = torch._make_per_channel_quantized_tensor(
+            q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
+        )
+    return torch.ops.quantized.linear_prepack(qw, None)
+
+
 class Int8WeightOnly(QuantMode):
     name = "ifq"
 
@@ -48,12 +58,7 @@ class Int8WeightOnly(QuantMode):
         layer.qweight = layer.fbgemm_packed = None
         layer.weight_scale = scale.to(w.dtype if w.device.type != "cpu" else torch.float32)
         if self.fast and w.device.type == "cpu" and w.dtype == torch.float32 and fbgemm_available():
-            with warnings.catch_warnings():  # quantized tensors are deprecated; FBGEMM's
-                warnings.simplefilter("ignore")  # prepack still takes only them
-                qw = torch._make_per_channel_quantized_tensor(
-                    q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
-                )
-            layer.fbgemm_packed = torch.ops.quantized.linear_prepack(qw, None)
+            layer.fbgemm_packed = prepack_fbgemm(q, scale)
             layer.fbgemm_span = span_row(w.shape[1])
         else:
             layer.qweight = q

@@ -4,6 +4,8 @@ mismatched SmoothQuant file is a start-up error."""
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import torch
 
@@ -74,7 +76,7 @@ def test_auto_serves_a_folder_holding_only_the_smoothquant_file(tmp_path_factory
         tmp_path_factory,
         "smoothquant",
         ["--model-path", str(out), "--kv-cache-memory", "64MiB"],
-        env={"QUANTIZATION": "auto"},
+        env={"QUANTIZATION": "auto", "QUALITY_CHECK": "1"},
     )
     try:
         r = httpx.post(
@@ -84,7 +86,11 @@ def test_auto_serves_a_folder_holding_only_the_smoothquant_file(tmp_path_factory
         )
         assert r.status_code == 200, r.text
         api = r.json()["choices"][0]["message"]["content"]
-        assert "QUANTIZATION=auto: smoothquant" in server.logs()
+        logs = server.logs()
+        assert "QUANTIZATION=auto: smoothquant" in logs
+        # a random tiny model over a 49k vocabulary scores near-uniform: perplexity in the 10^4s
+        assert re.search(r"quality-check: held-out perplexity \d{4,}\.\d+ over \d+ tokens "
+                         r"\(quantization smoothquant\)", logs)  # fmt: skip
     finally:
         server.stop()
     with LLM(str(out), quantization="smoothquant", kv_cache_memory=2**26) as llm:

@@ -123,6 +123,14 @@ class Config:
         "weight quantization",
         choices=["none", "ifq", "ifq_nf4", "fp8", "smoothquant", "auto"],
     )
+    quality_check: bool = _opt(
+        "--quality-check",
+        "QUALITY_CHECK",
+        False,
+        "log held-out perplexity at start-up, as served (dtype, quantization)",
+        parse=parse_bool,
+        is_flag=True,
+    )
     seed: int | None = _opt(
         "--seed", "SEED", None, "random seed for sampling", parse=parse_optional_int
     )

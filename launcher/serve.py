@@ -208,6 +208,8 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
         max_num_batched_tokens=batched,
         max_num_seqs=c.max_num_seqs,
         enable_prefix_caching=c.enable_prefix_caching,
+        quantization=quantization,
+        quality_check=c.quality_check,
     )
     return ProcessPlan(groups, settings)
 

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sys
 
@@ -70,6 +71,30 @@ async def build_context(s: RouterSettings) -> ServingContext:
     return ServingContext(engine, tokenizer, template, s.model_name, info.max_model_len)
 
 
+async def log_quality(ctx: ServingContext, quantization: str, num_tokens: int = 1024) -> float:
+    """Perplexity of the held-out text (launcher/quality.py) scored through the engine, before
+    the server reports ready: the served model's quality as one number in the log."""
+    from launcher.quality import eval_tokens
+    from router.params import GenerationParams
+    from shards.wire import SamplingParams
+
+    ids = eval_tokens(ctx.tokenizer, min(num_tokens, ctx.max_model_len - 1))
+    score = GenerationParams(
+        max_tokens=1, sampling=SamplingParams(temperature=0.0, prompt_logprobs=0)
+    )
+    logprobs: list[float] = []
+    async for out in ctx.engine.generate("quality-check", ids, score, detokenize=False):
+        logprobs += out.prompt_logprobs or []
+    ppl = math.exp(-sum(logprobs) / len(logprobs))
+    log.info(
+        "quality-check: held-out perplexity %.4f over %d tokens (quantization %s)",
+        ppl,
+        len(logprobs),
+        quantization,
+    )
+    return ppl
+
+
 def make_app(s: RouterSettings):
     router = Router(None, s.api_keys)
 
@@ -77,7 +102,10 @@ def make_app(s: RouterSettings):
     async def lifespan(app):
         async def load() -> None:
             try:
-                router.ctx = await build_context(s)
+                ctx = await build_context(s)
+                if s.quality_check:
+                    await log_quality(ctx, s.quantization)
+                router.ctx = ctx
                 log.info("ready on http://%s:%d", s.host, s.port)
             except Exception as e:  # any start-up failure ends the process; the launcher reports
                 log.error("router failed to start: %s", e)

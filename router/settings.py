@@ -21,6 +21,8 @@ class RouterSettings:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     enable_prefix_caching: bool = True
+    quantization: str = "none"  # as resolved, for the log
+    quality_check: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from router.block_allocator import BlockAllocator
+from router.lookahead import Drafter, DraftTree
 from router.sequence import SeqStatus, Sequence
 from shards.wire import NewSeq, ScheduledSeq, StepPlan, StepResult
 
@@ -42,9 +43,15 @@ class SeqUpdate:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator) -> None:
+    def __init__(
+        self, config: SchedulerConfig, allocator: BlockAllocator, drafter: Drafter | None = None
+    ) -> None:
         self.config = config
         self.allocator = allocator
+        self.drafter = drafter  # lookahead: draft trees for greedy decodes
+        self._kv_moves: list[tuple[int, int]] = []  # to send with the next plan
+        self.num_draft_proposed = 0
+        self.num_draft_accepted = 0
         self.block_size = allocator.block_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -114,18 +121,42 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def _draft(self, seq: Sequence, budget: int, room: int) -> DraftTree | None:
+        """A draft tree for a greedy decode, within the step's token budget, the step's draft
+        room, the request's remaining tokens and the context."""
+        sp = seq.params.sampling
+        if not sp.greedy or sp.has_penalties:
+            return None  # drafts are verified by argmax equality only
+        k = min(
+            self.drafter.budget_for(seq.seq_id),
+            room,
+            budget - 1,
+            seq.params.max_tokens - seq.num_output_tokens - 1,
+            self.config.max_model_len - seq.num_tokens - 1,
+        )
+        return self.drafter.propose(seq.seq_id, seq.token_ids, k)
+
     def schedule(self) -> StepPlan | None:
         budget = self.config.max_num_batched_tokens
         chosen: dict[int, tuple[Sequence, int]] = {}
+        drafts: dict[int, DraftTree] = {}
         preempted = False
         decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1]
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed > 1]
+        draft_room = self.drafter.step_budget - len(decoding) if self.drafter else 0
         for seq in decoding + prefilling:
             if budget == 0:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # pre-empted earlier in this loop
             want = min(seq.num_tokens - seq.num_computed, budget)
+            tree = self._draft(seq, budget, draft_room) if draft_room > 0 and want == 1 else None
+            if tree is not None:
+                n = self._fit(seq, 1 + len(tree))
+                if n > 1:  # drafts take free room only; they never pre-empt
+                    drafts[seq.seq_id] = DraftTree(tree.tokens[: n - 1], tree.parents[: n - 1])
+                    want = n
+                    draft_room -= n - 1
             n = self._fit(seq, want)
             while n == 0 and seq.status is SeqStatus.RUNNING:
                 victim = self.running[-1]
@@ -143,7 +174,8 @@ class Scheduler:
             budget = self._admit(chosen, budget)
         if not chosen:
             return self._empty_plan()
-        return self._plan([s for s, _ in chosen.values()], [n for _, n in chosen.values()])
+        drafts = {i: t for i, t in drafts.items() if i in chosen}  # its seq may be pre-empted
+        return self._plan([s for s, _ in chosen.values()], [n for _, n in chosen.values()], drafts)
 
     def _admit(self, chosen: dict[int, tuple[Sequence, int]], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -176,12 +208,28 @@ class Scheduler:
             budget -= n
         return budget
 
-    def _plan(self, seqs: list[Sequence], counts: list[int]) -> StepPlan:
+    def _plan(
+        self, seqs: list[Sequence], counts: list[int], drafts: dict[int, DraftTree]
+    ) -> StepPlan:
         self._step_id += 1
         scheduled = []
         new = []
         for seq, n in zip(seqs, counts):
             start = seq.num_computed
+            tree = drafts.get(seq.seq_id)
+            if tree is not None:
+                scheduled.append(
+                    ScheduledSeq(
+                        seq.seq_id,
+                        [seq.token_ids[start], *tree.tokens],
+                        start,
+                        list(seq.block_ids),
+                        True,
+                        draft_parents=list(tree.parents),
+                    )
+                )
+                self._announce(seq, new)
+                continue
             targets = None
             if (
                 seq.params.sampling.prompt_logprobs is not None
@@ -198,20 +246,26 @@ class Scheduler:
                     prompt_targets=targets,
                 )
             )
-            if not seq.announced:
-                seq.announced = True
-                sp = seq.params.sampling
-                prompt = seq.prompt_token_ids if sp.repetition_penalty != 1.0 else []
-                new.append(NewSeq(seq.seq_id, sp, list(prompt)))
+            self._announce(seq, new)
         finished, self._finished_ids = self._finished_ids, []
-        return StepPlan(self._step_id, scheduled, new, finished)
+        moves, self._kv_moves = self._kv_moves, []
+        return StepPlan(self._step_id, scheduled, new, finished, moves)
+
+    @staticmethod
+    def _announce(seq: Sequence, new: list[NewSeq]) -> None:
+        if not seq.announced:
+            seq.announced = True
+            sp = seq.params.sampling
+            prompt = seq.prompt_token_ids if sp.repetition_penalty != 1.0 else []
+            new.append(NewSeq(seq.seq_id, sp, list(prompt)))
 
     def _empty_plan(self) -> StepPlan | None:
-        if not self._finished_ids:
+        if not self._finished_ids and not self._kv_moves:
             return None
         self._step_id += 1
         finished, self._finished_ids = self._finished_ids, []
-        return StepPlan(self._step_id, [], [], finished)
+        moves, self._kv_moves = self._kv_moves, []
+        return StepPlan(self._step_id, [], [], finished, moves)
 
     # -- results ----------------------------------------------------------------------------
 
@@ -222,6 +276,9 @@ class Scheduler:
             seq = self.seqs.get(s.seq_id)
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue  # aborted while the step ran
+            if s.draft_parents is not None:
+                updates.append(self._verified(seq, s, outputs[s.seq_id]))
+                continue
             seq.num_computed += len(s.token_ids)
             self._commit_full_blocks(seq)
             out = outputs.get(s.seq_id)
@@ -254,6 +311,29 @@ class Scheduler:
             out.top_logprobs[:n] if out.top_logprobs is not None else None,
         )
 
+    def _verified(self, seq: Sequence, s: ScheduledSeq, out) -> SeqUpdate:
+        """A draft tree's result: the real token and the accepted draft path are computed;
+        their K/V move into consecutive slots (with the next plan) where the path was not the
+        tree's first branch; the rest of the tree's K/V is left to be overwritten."""
+        path = out.accepted or []
+        bs, table, start = self.block_size, s.block_table, s.start_pos
+        for depth, node in enumerate(path, start=1):
+            if node != depth:
+                src, dst = start + node, start + depth
+                self._kv_moves.append(
+                    (table[src // bs] * bs + src % bs, table[dst // bs] * bs + dst % bs)
+                )
+        seq.num_computed += 1 + len(path)
+        seq.num_draft_proposed += len(s.draft_parents)
+        seq.num_draft_accepted += len(path)
+        self.num_draft_proposed += len(s.draft_parents)
+        self.num_draft_accepted += len(path)
+        self.drafter.record(seq.seq_id, len(s.draft_parents), len(path))
+        update = self._append(seq, out)
+        if seq.status is SeqStatus.RUNNING:
+            self._commit_full_blocks(seq)
+        return update
+
     def _commit_full_blocks(self, seq: Sequence) -> None:
         full = seq.num_computed // self.block_size
         if full <= seq.num_committed_blocks:
@@ -279,3 +359,5 @@ class Scheduler:
         del self.seqs[seq.seq_id]
         if seq.announced:
             self._finished_ids.append(seq.seq_id)
+        if self.drafter is not None:
+            self.drafter.forget(seq.seq_id, seq.output_token_ids)

@@ -30,6 +30,8 @@ class Sequence:
     announced: bool = False  # the shard has its sampling state
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
+    num_draft_proposed: int = 0  # lookahead draft tokens verified for this sequence
+    num_draft_accepted: int = 0
     # Logprob of prompt token i given tokens < i, for i >= 1, when the caller scores the prompt.
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_top_logprobs: list = field(default_factory=list)

@@ -57,6 +57,10 @@ class ScheduledSeq:
     # For prompt logprobs: the prompt token that follows each of token_ids, as far as the
     # prompt goes (one fewer than token_ids for the chunk that ends the prompt).
     prompt_targets: list[int] | None = None
+    # Lookahead: token_ids[1:] are draft tokens of a tree; draft i's parent is the entry
+    # draft_parents[i] of token_ids (0 = the real token). Its K/V go to slot start_pos + 1 + i,
+    # at position start_pos + its depth.
+    draft_parents: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -65,6 +69,8 @@ class StepPlan:
     seqs: list[ScheduledSeq]
     new_seqs: list[NewSeq] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)  # drop their sampler state
+    # (from, to) cache slots: accepted draft K/V moved into place before this step's forward
+    kv_moves: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +86,7 @@ class StepPlan:
                 for n in d["new_seqs"]
             ],
             finished_seq_ids=d["finished_seq_ids"],
+            kv_moves=[tuple(m) for m in d.get("kv_moves", ())],
         )
 
 
@@ -91,6 +98,7 @@ class SeqOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float] | None = None  # one per prompt target in the plan
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    accepted: list[int] | None = None  # lookahead: tree indices of the accepted draft path
 
 
 @dataclass(slots=True)
@@ -113,6 +121,7 @@ class StepResult:
                 pairs(o["top_logprobs"]),
                 o["prompt_logprobs"],
                 pairs(o["prompt_top_logprobs"]),
+                o.get("accepted"),
             )
             for o in d["outputs"]
         ]

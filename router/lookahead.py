@@ -1,0 +1,198 @@
+"""Lookahead drafts: guesses of a sequence's next tokens from text already seen, as a tree.
+
+Each sequence keeps an n-gram index of its own tokens (prompt and output): for every n-gram of
+1..`max_ngram` tokens, the positions that followed it. A draft looks up the sequence's last
+tokens, longest match first, and takes the continuations after each earlier occurrence (most
+recent first) as branches. A shared pool of recently generated text adds branches across
+requests. Branches merge into a tree by common prefix; the tree is laid out depth-first with
+the most likely branch first, so when that branch is accepted its K/V already sit in order.
+
+The tree travels as tokens plus parent indices: node 0 is the sequence's last real token, node
+i > 0 a draft token whose parent is `parents[i - 1]` (< i).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DraftTree:
+    tokens: list[int]  # draft tokens, depth-first; parents[i] indexes [root] + tokens
+    parents: list[int]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class NgramIndex:
+    """n-gram → positions of the token after each occurrence, for one growing token list."""
+
+    def __init__(self, max_ngram: int) -> None:
+        self.max_ngram = max_ngram
+        self.tokens: list[int] = []
+        self.follow: dict[tuple[int, ...], list[int]] = {}
+
+    def extend(self, tokens: list[int]) -> None:
+        for t in tokens:
+            self.tokens.append(t)
+            end = len(self.tokens)
+            for n in range(1, min(self.max_ngram, end) + 1):
+                key = tuple(self.tokens[end - n : end])
+                self.follow.setdefault(key, []).append(end)
+
+    def continuations(self, depth: int, limit: int) -> list[list[int]]:
+        """Up to `limit` token runs that followed earlier occurrences of the longest suffix
+        that occurred before, most recent first."""
+        toks = self.tokens
+        end = len(toks)
+        for n in range(min(self.max_ngram, end), 0, -1):
+            places = self.follow.get(tuple(toks[end - n :]))
+            if not places:
+                continue
+            runs = [toks[p : p + depth] for p in reversed(places) if p < end]
+            runs = [r for r in runs if r]
+            if runs:
+                return runs[:limit]
+        return []
+
+
+class SharedNgrams:
+    """Continuations of recent generated text across requests: (n-gram) → next tokens, bounded
+    by an LRU over keys."""
+
+    def __init__(self, max_ngram: int, depth: int, capacity: int = 100_000) -> None:
+        self.max_ngram, self.depth, self.capacity = max_ngram, depth, capacity
+        self.table: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()
+
+    def add(self, tokens: list[int]) -> None:
+        for end in range(1, len(tokens)):
+            nxt = tokens[end : end + self.depth]
+            for n in range(1, min(self.max_ngram, end) + 1):
+                key = tuple(tokens[end - n : end])
+                self.table[key] = nxt
+                self.table.move_to_end(key)
+        while len(self.table) > self.capacity:
+            self.table.popitem(last=False)
+
+    def continuation(self, tokens: list[int]) -> list[int]:
+        for n in range(min(self.max_ngram, len(tokens)), 0, -1):
+            run = self.table.get(tuple(tokens[len(tokens) - n :]))
+            if run:
+                self.table.move_to_end(tuple(tokens[len(tokens) - n :]))
+                return run
+        return []
+
+
+def build_tree(runs: list[list[int]], budget: int) -> DraftTree:
+    """Merge runs (best first) into a prefix tree of at most `budget` nodes, depth-first with
+    each node's children in the order their runs came."""
+    children: dict[int, list[int]] = {0: []}  # node -> child nodes; 0 is the root
+    token_of = [-1]
+    parent_of = [-1]
+    for run in runs:
+        node = 0
+        for t in run:
+            nxt = next((c for c in children[node] if token_of[c] == t), None)
+            if nxt is None:
+                if len(token_of) - 1 >= budget:
+                    break
+                nxt = len(token_of)
+                token_of.append(t)
+                parent_of.append(node)
+                children[node].append(nxt)
+                children[nxt] = []
+            node = nxt
+    # re-number depth-first so the first run's nodes are 1..len(first run)
+    order: list[int] = []
+    stack = list(reversed(children[0]))
+    while stack:
+        n = stack.pop()
+        order.append(n)
+        stack.extend(reversed(children[n]))
+    new_index = {0: 0} | {n: i + 1 for i, n in enumerate(order)}
+    return DraftTree(
+        tokens=[token_of[n] for n in order], parents=[new_index[parent_of[n]] for n in order]
+    )
+
+
+@dataclass
+class SeqDraftState:
+    index: NgramIndex
+    # Mean accepted draft tokens per verified step, smoothed; starts hopeful so a sequence
+    # gets to show what it accepts.
+    accepted_ema: float = 2.0
+    steps_since_probe: int = 0
+    proposed: int = 0
+    accepted: int = 0
+
+
+@dataclass
+class Drafter:
+    """Draft trees for decoding sequences, sized by each one's measured acceptance."""
+
+    max_depth: int = 8  # NUM_SPECULATIVE_TOKENS: the deepest guess
+    max_branches: int = 4
+    max_ngram: int = 4
+    # Draft tokens per step over all sequences: past this, a step is compute-bound and
+    # verifying guesses costs more than it saves.
+    step_budget: int = 32
+    states: dict[int, SeqDraftState] = field(default_factory=dict)
+    shared: SharedNgrams | None = None
+
+    def __post_init__(self) -> None:
+        if self.shared is None:
+            self.shared = SharedNgrams(self.max_ngram, self.max_depth)
+
+    def track(self, seq_id: int, tokens: list[int]) -> None:
+        st = self.states.get(seq_id)
+        if st is None:
+            st = self.states[seq_id] = SeqDraftState(NgramIndex(self.max_ngram))
+        # A pre-empted sequence keeps its tokens; only new ones are indexed
+        new = tokens[len(st.index.tokens) :]
+        if new:
+            st.index.extend(new)
+
+    def forget(self, seq_id: int, output_tokens: list[int]) -> None:
+        self.states.pop(seq_id, None)
+        if output_tokens:
+            self.shared.add(output_tokens)
+
+    def budget_for(self, seq_id: int) -> int:
+        """Tokens to draft for this sequence now: about twice what it has been accepting; a
+        sequence that accepts nothing is probed with one token every 8 steps."""
+        st = self.states.get(seq_id)
+        if st is None:
+            st = self.states[seq_id] = SeqDraftState(NgramIndex(self.max_ngram))
+        if st.accepted_ema < 0.1:
+            st.steps_since_probe += 1
+            if st.steps_since_probe < 8:
+                return 0
+            st.steps_since_probe = 0
+            return 1
+        return max(1, min(self.max_depth * self.max_branches, round(2 * st.accepted_ema) + 1))
+
+    def propose(self, seq_id: int, tokens: list[int], budget: int) -> DraftTree | None:
+        if budget <= 0:
+            return None
+        self.track(seq_id, tokens)
+        st = self.states[seq_id]
+        depth = min(self.max_depth, budget)
+        runs = st.index.continuations(depth, self.max_branches)
+        if len(runs) < self.max_branches:
+            shared = self.shared.continuation(tokens)
+            if shared:
+                runs.append(shared[:depth])
+        if not runs:
+            return None
+        tree = build_tree(runs, budget)
+        return tree if tree.tokens else None
+
+    def record(self, seq_id: int, proposed: int, accepted: int) -> None:
+        st = self.states.get(seq_id)
+        if st is None:
+            return
+        st.proposed += proposed
+        st.accepted += accepted
+        st.accepted_ema = 0.7 * st.accepted_ema + 0.3 * accepted

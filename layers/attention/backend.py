@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from layers.attention.metadata import AttentionMetadata
+
+log = logging.getLogger("shardserve.attention")
 
 KVCache = tuple[
     torch.Tensor, torch.Tensor
@@ -40,14 +44,19 @@ def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.T
 def select_backend(
     device: torch.device, dtype: torch.dtype, prefer_flash: bool = True
 ) -> AttentionBackend:
-    # flash-attn kernels exist for half precision only.
-    if device.type == "cuda" and prefer_flash and dtype in (torch.float16, torch.bfloat16):
-        from layers.attention.flash import FlashAttentionBackend, flash_available
-
-        if flash_available():
-            return FlashAttentionBackend()
     from layers.attention.torch_sdpa import TorchSDPABackend
 
+    if device.type != "cuda" or not prefer_flash:
+        return TorchSDPABackend()
+    # flash-attn kernels exist for half precision only.
+    if dtype not in (torch.float16, torch.bfloat16):
+        log.info("attention on %s: torch SDPA (flash-attn has no %s kernels)", device, dtype)
+        return TorchSDPABackend()
+    from layers.attention.flash import FlashAttentionBackend, flash_available
+
+    if flash_available():
+        return FlashAttentionBackend()
+    log.info("attention on %s: torch SDPA (flash-attn is not installed)", device)
     return TorchSDPABackend()
 
 

@@ -61,3 +61,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64
     seq_lens_per_token: torch.Tensor | None  # [num_tokens], only when the rotary needs it
     cache: dict = field(default_factory=dict)
+    # Single-token sequences' block ids [num_single, max_blocks] (padded with the null block)
+    # and positions [num_single]; built from the layout when None. A CUDA graph passes its
+    # static buffers here, so the masks derived from them are part of what it records.
+    decode_inputs: tuple[torch.Tensor, torch.Tensor] | None = None

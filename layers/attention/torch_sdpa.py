@@ -1,4 +1,5 @@
-"""CPU attention over the paged cache with torch's scaled_dot_product_attention.
+"""Attention over the paged cache with torch's scaled_dot_product_attention: the CPU backend,
+and the CUDA one where flash-attn is missing.
 
 Single-token queries (decodes) are batched: their blocks are gathered into one padded
 [num_single, kv_heads, max_len, head_dim] tensor and masked. Multi-token chunks run one SDPA
@@ -33,16 +34,20 @@ class TorchSDPABackend(AttentionBackend):
     def _single(self, meta: AttentionMetadata, device, window: int | None):
         key = ("single", window)
         if key not in meta.cache:
-            layout = meta.layout
-            s = layout.num_single
-            tables = layout.block_tables[:s]
-            max_blocks = max(len(t) for t in tables)
-            padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-            block_ids = torch.tensor(padded, dtype=torch.long, device=device)  # [s, max_blocks]
-            query_pos = torch.tensor(layout.start_positions[:s], device=device)[:, None]
-            key_pos = torch.arange(max_blocks * layout.block_size, device=device)[None, :]
-            mask = _window_ok(key_pos, query_pos, window)[:, None, None, :]  # [s, 1, 1, max_len]
-            meta.cache[key] = (block_ids, mask)
+            if meta.decode_inputs is None:
+                layout = meta.layout
+                s = layout.num_single
+                tables = layout.block_tables[:s]
+                max_blocks = max(len(t) for t in tables)
+                padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+                meta.decode_inputs = (
+                    torch.tensor(padded, dtype=torch.long, device=device),  # [s, max_blocks]
+                    torch.tensor(layout.start_positions[:s], device=device),  # [s]
+                )
+            block_ids, positions = meta.decode_inputs
+            key_pos = torch.arange(block_ids.shape[1] * meta.layout.block_size, device=device)
+            mask = _window_ok(key_pos[None, :], positions[:, None], window)
+            meta.cache[key] = (block_ids, mask[:, None, None, :])  # mask: [s, 1, 1, max_len]
         return meta.cache[key]
 
     def _chunk(self, meta: AttentionMetadata, i: int, device, window: int | None):
@@ -78,10 +83,18 @@ class TorchSDPABackend(AttentionBackend):
             block_ids, mask = self._single(meta, q.device, sliding_window)
             keys = _gather(k_cache, block_ids).view(s, -1, kv_heads, head_dim).transpose(1, 2)
             values = _gather(v_cache, block_ids).view(s, -1, kv_heads, head_dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(
-                q[:s].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-            )  # [s, heads, 1, head_dim]
-            out[:s] = o.squeeze(2)
+            if q.is_cuda:
+                # SDPA's fused CUDA kernels take a mask or GQA, not both (it falls back to
+                # unfused math). One query per sequence: each KV head's group of query heads
+                # becomes that head's query rows, all at the same position, so no GQA is left.
+                qg = q[:s].view(s, kv_heads, -1, head_dim)  # [s, kv_heads, group, head_dim]
+                o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
+                out[:s] = o.reshape(s, -1, head_dim)
+            else:
+                o = F.scaled_dot_product_attention(
+                    q[:s].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+                )  # [s, heads, 1, head_dim]
+                out[:s] = o.squeeze(2)
         token = s
         for i in range(s, len(layout.query_lens)):
             start, n = layout.start_positions[i], layout.query_lens[i]

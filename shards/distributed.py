@@ -41,9 +41,29 @@ def init_group(
     """Join the group; returns the layers' context and the group that carries plans."""
     if world_size == 1:
         return SINGLE, None
+    return join_group(rank, world_size, device, master_addr, master_port, timeout_s)
+
+
+def join_group(
+    rank: int,
+    world_size: int,
+    device: str,
+    master_addr: str,
+    master_port: int,
+    timeout_s: float,
+) -> tuple[ParallelContext, object]:
+    """`init_group` without its shortcut for one rank: a group of one still builds the NCCL
+    communicator and the gloo plan group, which is how a single GPU can check that wiring."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
+    extra = {}
     if backend == "nccl":
-        torch.cuda.set_device(torch.device(device))
+        cuda = torch.device(device)
+        if cuda.index is None:
+            cuda = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(cuda)
+        # Binds the communicator to this GPU up front: NCCL then sets up at join, where a
+        # failure names the rendezvous, rather than at the first collective.
+        extra["device_id"] = cuda
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
         dist.init_process_group(
@@ -52,6 +72,7 @@ def init_group(
             rank=rank,
             world_size=world_size,
             timeout=timeout,
+            **extra,
         )
     except Exception as e:  # rendezvous timeout or refused connection
         raise CollectiveError(

@@ -188,15 +188,28 @@ class Worker:
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del scratch, hidden
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        free_for_kv = int(total * self.spec.gpu_memory_utilization) - peak
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        # The CUDA context, cuBLAS and NCCL workspaces live outside torch's allocator but in
+        # the same memory: they count against the share too.
+        outside = max(total - free - torch.cuda.memory_reserved(self.device), 0)
+        free_for_kv = int(total * self.spec.gpu_memory_utilization) - peak - outside
         if free_for_kv <= 0:
             raise kv_cache.KVCacheError(
-                f"weights and activations take {peak / 2**30:.2f} GiB, more than "
-                f"gpu_memory_utilization={self.spec.gpu_memory_utilization} of "
-                f"{total / 2**30:.2f} GiB leaves"
+                f"weights and activations take {peak / 2**30:.2f} GiB and the CUDA context "
+                f"{outside / 2**30:.2f} GiB, more than gpu_memory_utilization="
+                f"{self.spec.gpu_memory_utilization} of {total / 2**30:.2f} GiB leaves"
             )
-        torch.cuda.empty_cache()
+        log.info(
+            "GPU memory: %.2f GiB x %.2f; weights and a %d-token step peak at %.2f GiB, "
+            "%.2f GiB outside torch; %.2f GiB left for the KV cache",
+            total / 2**30,
+            self.spec.gpu_memory_utilization,
+            n,
+            peak / 2**30,
+            outside / 2**30,
+            free_for_kv / 2**30,
+        )
         return free_for_kv // self.kv_block_bytes
 
     def info(self) -> ShardInfo:

@@ -2,6 +2,12 @@
 output channel) and `ifq_nf4` (NF4 codes packed two per byte, one absmax scale per group of 64
 inputs). They hold 1/4 and ~1/7 of float32's bytes; every step rebuilds the float weight, so on
 CPU (and GPUs without fp8 matmuls) they trade speed for memory. The log says so at start-up.
+
+On GPUs with fp8 tensor cores (compute capability 8.9+), `fp8` with fast kernels runs the
+large linears with `torch._scaled_mm` on the fp8 weight, each token's activations quantized to
+fp8 on the fly with its own scale (W8A8: the activation rounding is the extra error, bound in
+tests/test_gpu.py). Below FP8_MM_MIN_WEIGHTS the kernel's fixed cost (~18 us with the activation
+quantization, against ~8 us to dequantize) outweighs the bytes it saves (BENCHMARKS.md, GPU).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from layers.quant.base import QuantMode, drop_float_weight, float_weight, row_ab
 log = logging.getLogger("shardserve.quant")
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MM_MIN_WEIGHTS = 4 * 2**20  # weights per linear from which _scaled_mm beats dequantizing
 NF4_GROUP = 64
 # The 16 NF4 levels: quantiles of a standard normal, scaled to [-1, 1], with an exact zero.
 NF4_LEVELS = torch.tensor(
@@ -38,21 +45,30 @@ def _check_groups(layer, out_local: int, in_local: int) -> None:
         )
 
 
+DEQUANTIZED = "weights are dequantized at every step (memory saved, not time)"
+SCALED_MM = "fp8 tensor-core matmuls (torch._scaled_mm, per-token fp8 activations)"
+
+
+def scaled_mm_supported(device: torch.device) -> bool:
+    """fp8 tensor cores: Ada and Hopper (8.9+); older GPUs and CPUs dequantize."""
+    return (
+        device.type == "cuda"
+        and hasattr(torch, "_scaled_mm")
+        and torch.cuda.get_device_capability(device) >= (8, 9)
+    )
+
+
 class _Announced(QuantMode):
-    _announced = False
+    _announced: set[tuple[str, str, str]] = set()
     # Measured on the embedded model: quantizing the LM head too doubles these modes' perplexity
     # loss (fp8 +4.2 % -> +8 %, nf4 +25 % -> +52 %), and dequantizing it saves no time.
     quantize_lm_head = False
 
-    def _announce(self, device: torch.device) -> None:
-        if not _Announced._announced:
-            _Announced._announced = True
-            log.info(
-                "quantization %s on %s: weights are dequantized at every step (memory saved, "
-                "not time)",
-                self.name,
-                device.type,
-            )
+    def _announce(self, device: torch.device, how: str = DEQUANTIZED) -> None:
+        key = (self.name, device.type, how)
+        if key not in _Announced._announced:
+            _Announced._announced.add(key)
+            log.info("quantization %s on %s: %s", self.name, device.type, how)
 
 
 class Fp8WeightOnly(_Announced):
@@ -66,8 +82,17 @@ class Fp8WeightOnly(_Announced):
         scale = (row_absmax(layer, w) / FP8_MAX).clamp(min=1e-12)
         layer.fp8_weight = (w.float() / scale[:, None]).to(torch.float8_e4m3fn)
         layer.weight_scale = scale
+        # _scaled_mm wants both matrix sizes it reduces over or writes to in multiples of 16.
+        out_f, in_f = w.shape
+        native = (
+            self.fast
+            and out_f * in_f >= FP8_MM_MIN_WEIGHTS
+            and not (out_f % 16 or in_f % 16)
+            and scaled_mm_supported(w.device)
+        )
+        layer.fp8_scale_row = scale[None, :].contiguous() if native else None  # [1, out]
         drop_float_weight(layer)
-        self._announce(w.device)
+        self._announce(w.device, SCALED_MM if native else DEQUANTIZED)
 
     def dequantized(self, layer) -> torch.Tensor:
         return layer.fp8_weight.float() * layer.weight_scale[:, None]
@@ -76,9 +101,25 @@ class Fp8WeightOnly(_Announced):
         return layer.fp8_weight.numel() + layer.weight_scale.numel() * 4
 
     def apply(self, layer, x, bias):
-        w = layer.fp8_weight.to(x.dtype)
-        y = F.linear(x, w) * layer.weight_scale.to(x.dtype)
+        if layer.fp8_scale_row is not None:
+            y = _fp8_scaled_mm(x, layer.fp8_weight, layer.fp8_scale_row)
+        else:
+            w = layer.fp8_weight.to(x.dtype)
+            y = F.linear(x, w) * layer.weight_scale.to(x.dtype)
         return y + bias if bias is not None else y
+
+
+def _fp8_scaled_mm(x: torch.Tensor, fp8_weight: torch.Tensor, scale_row: torch.Tensor):
+    """x @ (fp8_weight * scale).T with x rounded to fp8 per token. x: [..., in];
+    fp8_weight: [out, in] row-major, which is the column-major [in, out] _scaled_mm takes."""
+    flat = x.reshape(-1, x.shape[-1])
+    x_scale = flat.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12).div_(FP8_MAX)
+    xq = (flat.float() / x_scale).to(torch.float8_e4m3fn)
+    # Row-wise scales take a bf16 output; another compute dtype is cast back.
+    y = torch._scaled_mm(
+        xq, fp8_weight.t(), scale_a=x_scale, scale_b=scale_row, out_dtype=torch.bfloat16
+    )
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
 class Nf4WeightOnly(_Announced):

@@ -9,6 +9,10 @@ int8 weights to FBGEMM's dynamic linear: it streams a quarter of float32's bytes
 ~2.7x faster than the float32 one here. FBGEMM also rounds its input to 7-bit integers
 (`reduce_range`, so AVX2's 16-bit pair sums cannot saturate); `fbgemm_two_pass` sends that
 rounding error through as well, for ~14-bit activations (bound in the tests).
+
+On CUDA, fast or not, the int8 weight is cast to the compute dtype for cuBLAS: torch's CUDA
+`_weight_int8pack_mm` measured 2-10x slower than that on an H100 at every decode shape
+(BENCHMARKS.md, GPU).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from layers.attention.metadata import AttentionMetadata, BatchLayout, positions_and_slots
+from shards.cuda_graphs import DecodeGraphs
 from shards.kv_cache import KVCache
 from shards.sampler import Sampler, SeqSamplingState
 from shards.wire import ScheduledSeq, SeqOutput, StepPlan, StepResult
@@ -28,6 +29,7 @@ class ModelRunner:
         device: torch.device,
         seed: int | None = None,
         driver: bool = True,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         # Only the driver (rank 0) samples and answers; other tensor-parallel ranks run the
         # same forward and join its collectives, including the LM head's gather.
@@ -37,6 +39,7 @@ class ModelRunner:
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.device = device
+        self.graphs = graphs  # replays decode steps as CUDA graphs where they fit one
         self.sampler = Sampler(vocab_size, device, seed)
         self.states: dict[int, SeqSamplingState] = {}
 
@@ -55,6 +58,10 @@ class ModelRunner:
         [num_tokens, hidden], the sequences in flat-batch order and the row of each sequence's
         last token."""
         seqs = sorted(plan.seqs, key=lambda s: len(s.token_ids) > 1)  # stable: singles first
+        if self.graphs is not None:
+            hidden = self.graphs.run(seqs)
+            if hidden is not None:
+                return hidden, seqs, list(range(len(seqs)))
         layout = BatchLayout(
             query_lens=[len(s.token_ids) for s in seqs],
             start_positions=[s.start_pos for s in seqs],

@@ -10,6 +10,7 @@ import torch
 
 from layers.attention.backend import Attention, select_backend
 from shards import kv_cache
+from shards.cuda_graphs import DecodeGraphs
 from shards.distributed import init_group, min_over_ranks
 from shards.loader import load_weights
 from shards.model_config import ModelConfig, check_tensor_parallel, load_model_config
@@ -72,7 +73,9 @@ def resolve_max_model_len(cfg: ModelConfig, requested: int | None) -> int:
 
 
 class Worker:
-    def __init__(self, spec: ShardSpec) -> None:
+    def __init__(self, spec: ShardSpec, cuda_graphs: bool = False) -> None:
+        """cuda_graphs: replay decode steps as CUDA graphs where this shard can (the opposite
+        of ENFORCE_EAGER)."""
         self.spec = spec
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
@@ -137,6 +140,7 @@ class Worker:
             self.device,
             spec.seed,
             driver=spec.rank == 0,
+            graphs=self._decode_graphs(caches, backend.name) if cuda_graphs else None,
         )
         log.info(
             "shard %d/%d of group %d ready: %s %s on %s, %s attention, "
@@ -152,6 +156,23 @@ class Worker:
             self.block_size,
             num_blocks * self.kv_block_bytes / 2**30,
         )
+
+    def _decode_graphs(self, caches, backend_name: str) -> DecodeGraphs | None:
+        # Graphs record the SDPA backend's tensors and a single rank's kernels; gloo
+        # collectives and dynamic-NTK rotary (frequencies from host-side lengths) do not record.
+        why = None
+        if self.device.type != "cuda":
+            why = "no CUDA device"
+        elif backend_name != "torch-sdpa":
+            why = f"{backend_name} attention"
+        elif self.spec.world_size > 1:
+            why = "tensor parallelism"
+        elif getattr(self.model, "needs_seq_lens", False):
+            why = "dynamic NTK rotary"
+        if why:
+            log.info("decode steps run eagerly: CUDA graphs are not supported with %s", why)
+            return None
+        return DecodeGraphs(self.model, caches, self.block_size, self.max_model_len)
 
     def _num_blocks(self) -> int:
         if self.device.type == "cpu":

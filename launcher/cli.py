@@ -36,6 +36,11 @@ COMMANDS = {
         "main",
         "calibrate SmoothQuant and write smoothq_model-8bit-auto.safetensors",
     ),
+    "bench-lookahead": (
+        "launcher.bench_lookahead",
+        "main",
+        "lookahead vs plain decoding: RAG, chat and 16 mixed, with acceptance",
+    ),
     "bench-tp": (
         "launcher.bench_tp",
         "main",

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from router.block_allocator import BlockAllocator
 from router.engine_core import EngineCore
+from router.lookahead import Drafter
 from router.params import GenerationParams
 from router.scheduler import Scheduler, SchedulerConfig
 from shards.wire import ShardSpec
@@ -51,6 +52,8 @@ class LLM:
         tensor_parallel_size: int = 1,
         quantization: str = "none",
         fast_kernels: bool = True,
+        use_lookahead: bool = False,
+        num_speculative_tokens: int = 8,
     ) -> None:
         if model is None:
             from launcher.embedded import ensure_embedded_model
@@ -98,6 +101,9 @@ class LLM:
                 eos_token_ids=cfg.eos_token_ids,
             ),
             BlockAllocator(info.num_blocks, info.block_size, enable_prefix_caching),
+            Drafter.for_backend(num_speculative_tokens, info.attention_backend)
+            if use_lookahead
+            else None,
         )
         self.engine = EngineCore(self.scheduler, self.shard)
         self.tokenizer = None

@@ -27,8 +27,6 @@ log = logging.getLogger("shardserve.launcher")
 
 def _refuse_unsupported(c: Config) -> None:
     """Flags whose features are not built yet: accepted by the parser, refused here."""
-    if c.use_lookahead:
-        raise ConfigError("--use-lookahead: lookahead decoding is not supported yet")
     if not c.enforce_eager:
         if _device()[0] == "cuda":
             raise ConfigError("--enforce-eager 0: CUDA graph capture is not supported yet")
@@ -210,6 +208,8 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
         enable_prefix_caching=c.enable_prefix_caching,
         quantization=quantization,
         quality_check=c.quality_check,
+        use_lookahead=c.use_lookahead,
+        num_speculative_tokens=c.num_speculative_tokens,
     )
     return ProcessPlan(groups, settings)
 

@@ -37,6 +37,7 @@ class IncrementalDetokenizer:
         self.text = ""  # all decided output text (before any stop string)
         self.emitted = 0  # chars of `text` already released
         self.stopped_on: str | None = None
+        self.num_taken = 0  # of the tokens last fed, how many came before the stop (all if none)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -44,8 +45,10 @@ class IncrementalDetokenizer:
     def add_tokens(self, token_ids: list[int]) -> str:
         """Feed new tokens; returns the text that became final (possibly empty)."""
         if self.stopped_on is not None:
+            self.num_taken = 0
             return ""
-        for token in token_ids:
+        self.num_taken = len(token_ids)
+        for i, token in enumerate(token_ids):
             self.ids.append(token)
             prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
             full = self._decode(self.ids[self.prefix_offset :])
@@ -54,6 +57,7 @@ class IncrementalDetokenizer:
                 self.prefix_offset = self.read_offset
                 self.read_offset = len(self.ids)
             if self.stop and self._find_stop():
+                self.num_taken = i + 1
                 break
         return self._release(final=self.stopped_on is not None)
 

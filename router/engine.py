@@ -39,6 +39,8 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    num_draft_proposed: int = 0  # lookahead draft tokens verified for this request so far
+    num_draft_accepted: int = 0
     prompt_logprobs: list[float] | None = None  # first output only, when the prompt is scored
     prompt_top_logprobs: list | None = None
 
@@ -167,6 +169,9 @@ class AsyncEngine:
             if stream.detok is not None:
                 text = stream.detok.add_tokens(u.new_token_ids)
                 if stream.detok.stopped_on is not None and not seq.is_finished:
+                    # Several tokens can arrive at once (lookahead): those after the stop
+                    # string never happened, as in plain decoding.
+                    _drop_after_stop(u, seq, stream.detok.num_taken)
                     self.scheduler.abort(seq.seq_id, reason="stop")
                 if seq.is_finished:
                     text += stream.detok.flush()
@@ -195,6 +200,8 @@ class AsyncEngine:
                     num_prompt_tokens=seq.num_prompt_tokens,
                     num_output_tokens=seq.num_output_tokens,
                     num_cached_tokens=seq.num_cached_prompt_tokens,
+                    num_draft_proposed=seq.num_draft_proposed,
+                    num_draft_accepted=seq.num_draft_accepted,
                     prompt_logprobs=prompt_lp,
                     prompt_top_logprobs=prompt_top,
                 )
@@ -218,7 +225,21 @@ class AsyncEngine:
             "prefix_cache_blocks": alloc.num_cached,
             "prefix_cache_hit_rate": alloc.num_hit_blocks / queried,
             "preemptions": self.scheduler.num_preemptions,
+            "draft_tokens_proposed": self.scheduler.num_draft_proposed,
+            "draft_tokens_accepted": self.scheduler.num_draft_accepted,
             "finished": dict(self.finished_by_reason),
             "steps": self.times.summary(),
             "dead": self.dead,
         }
+
+
+def _drop_after_stop(u: SeqUpdate, seq: Sequence, taken: int) -> None:
+    extra = len(u.new_token_ids) - taken
+    if extra <= 0:
+        return
+    del seq.token_ids[-extra:]
+    u.new_token_ids = u.new_token_ids[:taken]
+    if u.logprobs is not None:
+        u.logprobs = u.logprobs[:taken]
+    if u.top_logprobs is not None:
+        u.top_logprobs = u.top_logprobs[:taken]

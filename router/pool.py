@@ -27,6 +27,8 @@ _SUMMED = (
     "kv_blocks_free",
     "prefix_cache_blocks",
     "preemptions",
+    "draft_tokens_proposed",
+    "draft_tokens_accepted",
 )
 
 

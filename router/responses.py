@@ -18,12 +18,19 @@ def sse(body: dict | str) -> bytes:
 
 
 def usage(out: RequestOutput) -> dict:
-    return {
+    body = {
         "prompt_tokens": out.num_prompt_tokens,
         "completion_tokens": out.num_output_tokens,
         "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
         "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},
     }
+    if out.num_draft_proposed:
+        # OpenAI's names for predicted-output tokens, here the lookahead drafts
+        body["completion_tokens_details"] = {
+            "accepted_prediction_tokens": out.num_draft_accepted,
+            "rejected_prediction_tokens": out.num_draft_proposed - out.num_draft_accepted,
+        }
+    return body
 
 
 def add_usage(total: dict, part: dict) -> dict:
@@ -31,6 +38,10 @@ def add_usage(total: dict, part: dict) -> dict:
         total[key] = total.get(key, 0) + part[key]
     details = total.setdefault("prompt_tokens_details", {"cached_tokens": 0})
     details["cached_tokens"] += part["prompt_tokens_details"]["cached_tokens"]
+    if "completion_tokens_details" in part:
+        drafts = total.setdefault("completion_tokens_details", {})
+        for key, n in part["completion_tokens_details"].items():
+            drafts[key] = drafts.get(key, 0) + n
     return total
 
 

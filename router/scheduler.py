@@ -52,6 +52,7 @@ class Scheduler:
         self._kv_moves: list[tuple[int, int]] = []  # to send with the next plan
         self.num_draft_proposed = 0
         self.num_draft_accepted = 0
+        self.num_draft_steps = 0  # verifications: (sequence, step) pairs that carried a tree
         self.block_size = allocator.block_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -328,6 +329,7 @@ class Scheduler:
         seq.num_draft_accepted += len(path)
         self.num_draft_proposed += len(s.draft_parents)
         self.num_draft_accepted += len(path)
+        self.num_draft_steps += 1
         self.drafter.record(seq.seq_id, len(s.draft_parents), len(path))
         update = self._append(seq, out)
         if seq.status is SeqStatus.RUNNING:

@@ -23,6 +23,7 @@ from router.app import Router, create_app
 from router.block_allocator import BlockAllocator
 from router.completions import ServingContext
 from router.engine import AsyncEngine
+from router.lookahead import Drafter
 from router.pool import EnginePool
 from router.scheduler import Scheduler, SchedulerConfig
 from router.settings import SETTINGS_ENV, RouterSettings
@@ -52,6 +53,9 @@ async def build_context(s: RouterSettings) -> ServingContext:
                 watermark_blocks=max(1, shard.info.num_blocks // 100),
             ),
             BlockAllocator(shard.info.num_blocks, shard.info.block_size, s.enable_prefix_caching),
+            Drafter.for_backend(s.num_speculative_tokens, shard.info.attention_backend)
+            if s.use_lookahead
+            else None,
         )
         engines.append(AsyncEngine(scheduler, shard, tokenizer, s.max_concurrency))
     engine = EnginePool(engines)

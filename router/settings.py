@@ -23,6 +23,8 @@ class RouterSettings:
     enable_prefix_caching: bool = True
     quantization: str = "none"  # as resolved, for the log
     quality_check: bool = False
+    use_lookahead: bool = False
+    num_speculative_tokens: int = 8
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,6 +15,7 @@ from torch import nn
 from layers.attention.metadata import AttentionMetadata, BatchLayout, positions_and_slots
 from shards.cuda_graphs import DecodeGraphs
 from shards.kv_cache import KVCache
+from shards.lookahead import accept_greedy, move_kv
 from shards.sampler import Sampler, SeqSamplingState
 from shards.wire import ScheduledSeq, SeqOutput, StepPlan, StepResult
 
@@ -62,21 +63,20 @@ class ModelRunner:
             hidden = self.graphs.run(seqs)
             if hidden is not None:
                 return hidden, seqs, list(range(len(seqs)))
+        trees = [s.draft_parents for s in seqs]
         layout = BatchLayout(
             query_lens=[len(s.token_ids) for s in seqs],
             start_positions=[s.start_pos for s in seqs],
             block_tables=[s.block_table for s in seqs],
             block_size=self.block_size,
+            draft_parents=trees if any(t is not None for t in trees) else None,
         )
         positions, slots = positions_and_slots(layout)
         input_ids = [t for s in seqs for t in s.token_ids]
         dev = self.device
         seq_lens_per_token = None
         if getattr(self.model, "needs_seq_lens", False):
-            seq_lens_per_token = torch.repeat_interleave(
-                torch.tensor(layout.seq_lens, device=dev),
-                torch.tensor(layout.query_lens, device=dev),
-            )
+            seq_lens_per_token = _seq_len_per_token(layout, positions, dev)
         meta = AttentionMetadata(
             layout, torch.tensor(slots, dtype=torch.long, device=dev), seq_lens_per_token
         )
@@ -93,16 +93,22 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         started = time.perf_counter()
         self._update_states(plan)
+        move_kv(self.kv_caches, plan.kv_moves)  # before anything reads those slots
         if not plan.seqs:
             return StepResult(plan.step_id, [])
         hidden, seqs, last_rows = self.forward(plan)
-        rows = [r for s, r in zip(seqs, last_rows) if s.sample]
-        sampled = [s for s in seqs if s.sample]
+        sampled = [s for s in seqs if s.sample and s.draft_parents is None]
+        rows = [r for s, r in zip(seqs, last_rows) if s.sample and s.draft_parents is None]
+        trees = [(s, r) for s, r in zip(seqs, last_rows) if s.draft_parents is not None]
+        for s, last in trees:  # every node of a tree is scored
+            rows += range(last - len(s.token_ids) + 1, last + 1)
         outputs: dict[int, SeqOutput] = {}
-        if sampled:
+        if rows:
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
             if self.driver:
-                self._sample(logits, sampled, outputs)
+                if sampled:
+                    self._sample(logits[: len(sampled)], sampled, outputs)
+                self._verify(logits[len(sampled) :], [s for s, _ in trees], outputs)
         self._score_prompts(hidden, seqs, last_rows, outputs)
         ordered = [outputs[s.seq_id] for s in plan.seqs if s.seq_id in outputs]
         return StepResult(plan.step_id, ordered, time.perf_counter() - started)
@@ -118,6 +124,30 @@ class ModelRunner:
                 [out.logprobs[i]] if want else None,
                 [out.top_logprobs[i]] if want and out.top_logprobs[i] is not None else None,
             )
+
+    def _verify(self, logits, trees: list[ScheduledSeq], outputs: dict[int, SeqOutput]) -> None:
+        """Greedy verification of draft trees: the accepted path and the tokens it yields, with
+        logprobs read off the rows that chose them."""
+        if not trees:
+            return
+        choices = logits.argmax(dim=-1).tolist()
+        first = 0
+        for s in trees:
+            n = len(s.token_ids)
+            path, tokens = accept_greedy(choices[first : first + n], s.token_ids, s.draft_parents)
+            out = outputs[s.seq_id] = SeqOutput(s.seq_id, tokens, accepted=path)
+            k = self.states[s.seq_id].params.logprobs
+            if k is not None:
+                at = torch.tensor([first + r for r in [0, *path]], device=logits.device)
+                lp = logits[at].float().log_softmax(dim=-1)
+                ids = torch.tensor(tokens, device=logits.device)
+                out.logprobs = lp.gather(1, ids[:, None]).squeeze(1).tolist()
+                if k > 0:
+                    vals, top = lp.topk(k, dim=-1)
+                    out.top_logprobs = [
+                        list(zip(i, v)) for i, v in zip(top.tolist(), vals.tolist())
+                    ]
+            first += n
 
     def _score_prompts(self, hidden, seqs, last_rows, outputs: dict[int, SeqOutput]) -> None:
         """Logprobs of each prompt token given the ones before it, for sequences that ask."""
@@ -139,3 +169,15 @@ class ModelRunner:
                 out.prompt_top_logprobs = [
                     list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())
                 ]
+
+
+def _seq_len_per_token(layout: BatchLayout, positions: list[int], device) -> torch.Tensor:
+    """The sequence length each token's rotary scaling sees: a chunk's whole length, or for a
+    draft tree each token's own (its position + 1), as plain decoding would have seen it."""
+    lens = []
+    first = 0
+    trees = layout.draft_parents or [None] * len(layout.query_lens)
+    for n, total, tree in zip(layout.query_lens, layout.seq_lens, trees):
+        lens += [p + 1 for p in positions[first : first + n]] if tree is not None else [total] * n
+        first += n
+    return torch.tensor(lens, device=device)

@@ -37,7 +37,7 @@ def test_tree_merges_common_prefixes_depth_first_best_branch_first():
 def test_budget_follows_acceptance_and_probes_when_nothing_is_accepted():
     d = Drafter(max_depth=8, max_branches=2)
     d.track(1, [1, 2, 3])
-    assert d.budget_for(1) == 5  # hopeful start: 2 * 2.0 + 1
+    assert d.budget_for(1) == 12  # hopeful start: 4 * 2.0 + 4
     for _ in range(20):
         d.record(1, 4, 0)
     budgets = [d.budget_for(1) for _ in range(16)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from shards.lookahead import accept_greedy, move_kv, tree_ancestry, tree_depths, tree_mask
+from layers.attention.tree import tree_ancestry, tree_depths, tree_mask
+from shards.lookahead import accept_greedy, move_kv
 
 # root r, then drafts: 1 -> 2 -> 3 on the first branch, 4 under 1, 5 under the root
 PARENTS = [0, 1, 2, 1, 0]

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from layers.attention.tree import tree_depths
+
 
 @dataclass
 class BatchLayout:
@@ -17,6 +19,9 @@ class BatchLayout:
     start_positions: list[int]  # position of each sequence's first token == cached tokens
     block_tables: list[list[int]]  # KV block ids covering start + query_len tokens
     block_size: int
+    # Lookahead: per sequence, the parents of its draft tokens (shards/lookahead.py), or None.
+    # A tree's token i is written to slot start + i but sits at position start + depth(i).
+    draft_parents: list[list[int] | None] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.query_lens)
@@ -42,7 +47,14 @@ def positions_and_slots(layout: BatchLayout) -> tuple[list[int], list[int]]:
     bs = layout.block_size
     positions: list[int] = []
     slots: list[int] = []
-    for start, n, table in zip(layout.start_positions, layout.query_lens, layout.block_tables):
+    trees = layout.draft_parents or [None] * len(layout.query_lens)
+    for start, n, table, tree in zip(
+        layout.start_positions, layout.query_lens, layout.block_tables, trees
+    ):
+        if tree is not None:
+            positions.extend(start + d for d in tree_depths(tree))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            continue
         if n == 1:
             positions.append(start)
             slots.append(table[start // bs] * bs + start % bs)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from layers.attention.backend import AttentionBackend, KVCache, write_kv
 from layers.attention.metadata import AttentionMetadata
+from layers.attention.tree import tree_mask
 
 
 def _window_ok(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -58,9 +59,14 @@ class TorchSDPABackend(AttentionBackend):
             ctx = start + n
             nb = -(-ctx // layout.block_size)
             block_ids = torch.tensor(layout.block_tables[i][:nb], dtype=torch.long, device=device)
-            query_pos = torch.arange(start, ctx, device=device)[:, None]
-            key_pos = torch.arange(ctx, device=device)[None, :]
-            meta.cache[key] = (block_ids, _window_ok(key_pos, query_pos, window))  # [n, ctx]
+            tree = layout.draft_parents[i] if layout.draft_parents else None
+            if tree is not None:
+                mask = tree_mask(tree, start, window, device)
+            else:
+                query_pos = torch.arange(start, ctx, device=device)[:, None]
+                key_pos = torch.arange(ctx, device=device)[None, :]
+                mask = _window_ok(key_pos, query_pos, window)
+            meta.cache[key] = (block_ids, mask)  # [n, ctx]
         return meta.cache[key]
 
     def forward(
@@ -99,7 +105,7 @@ class TorchSDPABackend(AttentionBackend):
         for i in range(s, len(layout.query_lens)):
             start, n = layout.start_positions[i], layout.query_lens[i]
             qc = q[token : token + n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
-            if start == 0 and sliding_window is None:
+            if start == 0 and sliding_window is None and not layout.draft_parents:
                 keys = k[token : token + n].transpose(0, 1).unsqueeze(0)
                 values = v[token : token + n].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(

@@ -41,6 +41,11 @@ COMMANDS = {
         "main",
         "lookahead vs plain decoding: RAG, chat and 16 mixed, with acceptance",
     ),
+    "bench-gpu": (
+        "launcher.bench_gpu",
+        "main",
+        "GPU decode tok/s per quant mode, eager and CUDA graphs, against the roofline",
+    ),
     "bench-tp": (
         "launcher.bench_tp",
         "main",

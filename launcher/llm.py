@@ -6,6 +6,7 @@ out = llm.generate(["Hello"], GenerationParams(max_tokens=32))
 
 from __future__ import annotations
 
+import gc
 import itertools
 from dataclasses import dataclass, field
 
@@ -54,6 +55,9 @@ class LLM:
         fast_kernels: bool = True,
         use_lookahead: bool = False,
         num_speculative_tokens: int = 8,
+        device: str = "cpu",
+        enforce_eager: bool = True,
+        gpu_memory_utilization: float = 0.9,
     ) -> None:
         if model is None:
             from launcher.embedded import ensure_embedded_model
@@ -77,6 +81,9 @@ class LLM:
             world_size=tensor_parallel_size,
             quantization=quantization,
             fast_kernels=fast_kernels,
+            device=device,
+            enforce_eager=enforce_eager,
+            gpu_memory_utilization=gpu_memory_utilization,
         )
         if shard_process or tensor_parallel_size > 1:  # ranks are always processes
             from launcher.shard_process import ShardProcess
@@ -158,6 +165,15 @@ class LLM:
     def close(self) -> None:
         if hasattr(self.shard, "close"):
             self.shard.close()
+        if self.worker is not None:
+            # An in-process shard's weights and KV cache go now, not when the last reference
+            # does: the next LLM on the same GPU sizes its cache from what is free.
+            import torch
+
+            self.worker = self.shard = self.engine = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def __enter__(self) -> LLM:
         return self

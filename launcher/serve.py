@@ -25,11 +25,9 @@ from shards.wire import ShardSpec
 log = logging.getLogger("shardserve.launcher")
 
 
-def _refuse_unsupported(c: Config) -> None:
-    """Flags whose features are not built yet: accepted by the parser, refused here."""
-    if not c.enforce_eager:
-        if _device()[0] == "cuda":
-            raise ConfigError("--enforce-eager 0: CUDA graph capture is not supported yet")
+def _note_no_effect(c: Config) -> None:
+    """Flags accepted everywhere that do nothing on this machine: said once in the log."""
+    if not c.enforce_eager and _device()[0] != "cuda":
         log.info("--enforce-eager 0 has no effect on CPU: there are no CUDA graphs to capture")
 
 
@@ -177,6 +175,7 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
         seed=c.seed,
         quantization=quantization,
         collective_timeout_s=c.collective_timeout,
+        enforce_eager=c.enforce_eager,
     )
     groups = [
         group_specs(
@@ -229,7 +228,7 @@ def _spawn_group(specs: list[ShardSpec], socket_dir: str) -> list[Child]:
 def serve(argv: list[str] | None = None) -> int:
     try:
         config = load_config(argv)
-        _refuse_unsupported(config)
+        _note_no_effect(config)
         model = resolve_model(config)
         socket_dir = tempfile.mkdtemp(prefix="shardserve-")
         plan = plan_processes(config, model, socket_dir)

@@ -143,6 +143,7 @@ class ShardSpec:
     seed: int | None = None
     quantization: str = "none"
     fast_kernels: bool = True  # False: only the plain-torch reference paths (tests)
+    enforce_eager: bool = True  # False: decode steps replay as CUDA graphs where they can
     rank: int = 0
     world_size: int = 1
     group_index: int = 0  # which worker group (WORKER_NUM), for messages

@@ -73,10 +73,12 @@ def resolve_max_model_len(cfg: ModelConfig, requested: int | None) -> int:
 
 
 class Worker:
-    def __init__(self, spec: ShardSpec, cuda_graphs: bool = False) -> None:
-        """cuda_graphs: replay decode steps as CUDA graphs where this shard can (the opposite
-        of ENFORCE_EAGER)."""
+    def __init__(self, spec: ShardSpec, cuda_graphs: bool | None = None) -> None:
+        """cuda_graphs: replay decode steps as CUDA graphs where this shard can (default: the
+        opposite of the spec's ENFORCE_EAGER)."""
         self.spec = spec
+        if cuda_graphs is None:
+            cuda_graphs = not spec.enforce_eager
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
         self.device = torch.device(spec.device)

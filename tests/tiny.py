@@ -137,9 +137,9 @@ def hf_logits(model, tokens: list[int], prompt_len: int) -> torch.Tensor:
     ids = torch.tensor([tokens])
     out = model(ids[:, :prompt_len], use_cache=True)
     rows = [out.logits[0].float()]
-    past = out.cache
+    # transformers renamed past_key_values to cache (5.2x); the GPU machine has an older one
+    key = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
     for t in range(prompt_len, len(tokens)):
-        out = model(ids[:, t : t + 1], cache=past, use_cache=True)
-        past = out.cache
+        out = model(ids[:, t : t + 1], use_cache=True, **{key: out[key]})
         rows.append(out.logits[0].float())
     return torch.cat(rows)

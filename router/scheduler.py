@@ -48,7 +48,7 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.allocator = allocator
-        self.drafter = drafter  # lookahead: draft trees for greedy decodes
+        self.drafter = drafter  # lookahead: draft trees for decodes without penalties
         self._kv_moves: list[tuple[int, int]] = []  # to send with the next plan
         self.num_draft_proposed = 0
         self.num_draft_accepted = 0
@@ -123,11 +123,10 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _draft(self, seq: Sequence, budget: int, room: int) -> DraftTree | None:
-        """A draft tree for a greedy decode, within the step's token budget, the step's draft
+        """A draft tree for a decode, within the step's token budget, the step's draft
         room, the request's remaining tokens and the context."""
-        sp = seq.params.sampling
-        if not sp.greedy or sp.has_penalties:
-            return None  # drafts are verified by argmax equality only
+        if seq.params.sampling.has_penalties:
+            return None  # a penalty would change each draft row's distribution by its path
         k = min(
             self.drafter.budget_for(seq.seq_id),
             room,

@@ -26,6 +26,39 @@ def accept_greedy(
         node = nxt
 
 
+def accept_sampled(
+    probs: torch.Tensor, token_ids: list[int], parents: list[int], generator: torch.Generator
+) -> tuple[list[int], list[int]]:
+    """Speculative sampling over a tree of point-mass drafts; the output is distributed exactly
+    as sampling token by token from `probs` (row i: the distribution after node i).
+
+    At a node, each child is tried in turn: accepted with probability r(token), where r starts
+    as the node's distribution; a rejected child's token is removed from r (the residual
+    (r - q)+ for a draft q that is certain of it) and r renormalized. If no child is accepted,
+    the next token is drawn from what is left of r."""
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents, start=1):
+        children.setdefault(p, []).append(i)
+    node, path = 0, []
+    while True:
+        r = probs[node]
+        nxt = None
+        for c in children.get(node, ()):
+            t = token_ids[c]
+            u = torch.rand((), generator=generator, device=r.device)
+            if bool(u < r[t]):
+                nxt = c
+                break
+            r = r.clone()
+            r[t] = 0.0
+            r = r / r.sum()
+        if nxt is None:
+            token = int(torch.multinomial(r, 1, generator=generator))
+            return path, [token_ids[c] for c in path] + [token]
+        path.append(nxt)
+        node = nxt
+
+
 def move_kv(kv_caches, moves: list[tuple[int, int]]) -> None:
     """Copy cache slots src → dst in every layer (all sources read before any write)."""
     if not moves:

@@ -15,8 +15,8 @@ from torch import nn
 from layers.attention.metadata import AttentionMetadata, BatchLayout, positions_and_slots
 from shards.cuda_graphs import DecodeGraphs
 from shards.kv_cache import KVCache
-from shards.lookahead import accept_greedy, move_kv
-from shards.sampler import Sampler, SeqSamplingState
+from shards.lookahead import accept_greedy, accept_sampled, move_kv
+from shards.sampler import Sampler, SeqSamplingState, sampling_probs
 from shards.wire import ScheduledSeq, SeqOutput, StepPlan, StepResult
 
 
@@ -126,17 +126,26 @@ class ModelRunner:
             )
 
     def _verify(self, logits, trees: list[ScheduledSeq], outputs: dict[int, SeqOutput]) -> None:
-        """Greedy verification of draft trees: the accepted path and the tokens it yields, with
-        logprobs read off the rows that chose them."""
+        """Verification of draft trees (greedy: argmax equality; sampled: speculative sampling):
+        the accepted path and the tokens it yields, with logprobs read off the rows that chose
+        them."""
         if not trees:
             return
         choices = logits.argmax(dim=-1).tolist()
         first = 0
         for s in trees:
             n = len(s.token_ids)
-            path, tokens = accept_greedy(choices[first : first + n], s.token_ids, s.draft_parents)
+            state = self.states[s.seq_id]
+            if state.params.greedy:
+                path, tokens = accept_greedy(
+                    choices[first : first + n], s.token_ids, s.draft_parents
+                )
+            else:
+                probs = sampling_probs(logits[first : first + n].float(), [state.params] * n)
+                gen = state.generator or self.sampler.generator
+                path, tokens = accept_sampled(probs, s.token_ids, s.draft_parents, gen)
             out = outputs[s.seq_id] = SeqOutput(s.seq_id, tokens, accepted=path)
-            k = self.states[s.seq_id].params.logprobs
+            k = state.params.logprobs
             if k is not None:
                 at = torch.tensor([first + r for r in [0, *path]], device=logits.device)
                 lp = logits[at].float().log_softmax(dim=-1)

@@ -100,3 +100,52 @@ def test_embedded_model_quoting_a_document_is_identical_and_accepts_drafts():
             accepted = llm.scheduler.num_draft_accepted
     assert out[True] == out[False]
     assert accepted > 5  # the answer quotes the prompt: drafts from it are accepted
+
+
+# chi-square critical values at p = 0.001 by degrees of freedom
+_CHI2_999 = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88, 29.59]
+
+
+def _chi2(a: list[int], b: list[int]) -> tuple[float, float]:
+    """Two-sample chi-square statistic over the outcomes both samples show (equal sizes), and
+    the critical value at p = 0.001 for its degrees of freedom."""
+    keys = sorted(set(a) | set(b))
+    stat = 0.0
+    for k in keys:
+        x, y = a.count(k), b.count(k)
+        stat += (x - y) ** 2 / (x + y)
+    return stat, _CHI2_999[min(len(keys) - 2, len(_CHI2_999) - 1)]
+
+
+def _sampled_outputs(folder, lookahead: bool, n: int = 400) -> tuple[list, int]:
+    prompt = [5, 9, 14, 22, 5, 9, 14, 22, 5, 9, 14, 22, 5, 9]
+    params = [
+        GenerationParams(
+            max_tokens=3,
+            sampling=SamplingParams(temperature=0.8, top_k=3, seed=i),
+            ignore_eos=True,
+        )
+        for i in range(n)
+    ]
+    done, sched = _run(folder, [prompt] * n, params, use_lookahead=lookahead, max_num_seqs=8)
+    return [tuple(t[1:]) for t in done], sched.num_draft_proposed
+
+
+def test_sampled_output_keeps_its_distribution_with_lookahead(tiny_folder, monkeypatch):
+    plain, _ = _sampled_outputs(tiny_folder, False)
+    ahead, proposed = _sampled_outputs(tiny_folder, True)
+    assert proposed > 100
+    for pos in (0, 1):  # the 2nd and 3rd output tokens, both drawn through verification
+        stat, critical = _chi2([t[pos] for t in plain], [t[pos] for t in ahead])
+        assert stat < critical, (pos, stat)
+    # the test has teeth: accepting every first-branch draft skews the outputs
+    import shards.runner
+
+    def always_accept(probs, token_ids, parents, generator):
+        path = [i for i, p in enumerate(parents, start=1) if p == i - 1]
+        return path, [token_ids[c] for c in path] + [int(probs[path[-1] if path else 0].argmax())]
+
+    monkeypatch.setattr(shards.runner, "accept_sampled", always_accept)
+    broken, _ = _sampled_outputs(tiny_folder, True)
+    stat, critical = _chi2([t[0] for t in plain], [t[0] for t in broken])
+    assert stat > critical

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from layers.attention.tree import tree_ancestry, tree_depths, tree_mask
-from shards.lookahead import accept_greedy, move_kv
+from shards.lookahead import accept_greedy, accept_sampled, move_kv
 
 # root r, then drafts: 1 -> 2 -> 3 on the first branch, 4 under 1, 5 under the root
 PARENTS = [0, 1, 2, 1, 0]
@@ -49,3 +49,25 @@ def test_kv_moves_read_every_source_before_writing():
     move_kv([(k, v)], [(5, 1), (6, 5)])
     assert k.flatten().tolist() == [0, 5, 2, 3, 4, 6, 6, 7]
     assert v.flatten().tolist() == [-x for x in k.flatten().tolist()]
+
+
+def test_sampled_acceptance_keeps_the_target_distribution():
+    # root distribution over 4 tokens; drafts propose tokens 2 then 3 as two children of the
+    # root, and token 1 below the first child
+    p_root = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    p_child = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    probs = torch.stack([p_root, p_child, p_child, p_child])
+    tokens, parents = [9, 2, 1, 3], [0, 1, 0]
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    first = torch.zeros(4)
+    second_after_2 = torch.zeros(4)
+    for _ in range(n):
+        _, out = accept_sampled(probs, tokens, parents, gen)
+        first[out[0]] += 1
+        if out[0] == 2:
+            second_after_2[out[1]] += 1
+    # the first token follows the root distribution, whatever the drafts proposed
+    assert (first / n - p_root).abs().max() < 0.015
+    # and the token after an accepted draft follows that draft's row
+    assert (second_after_2 / second_after_2.sum() - p_child).abs().max() < 0.02

@@ -7,40 +7,53 @@ from __future__ import annotations
 import re
 
 import httpx
+import pytest
 import torch
 
 from integration.conftest import start_server
 
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
-def test_ifq_api_greedy_equals_offline_ifq(tmp_path_factory, tiny_folder):
+
+def _api_vs_offline(tmp_path_factory, folder, mode: str, env: dict) -> str:
+    """Serve `folder` with `env`, ask one greedy chat question, and check the offline engine
+    with quantization `mode` answers the same; returns the server's log."""
     from launcher.llm import LLM
     from router.params import GenerationParams
     from shards.wire import SamplingParams
 
-    messages = [{"role": "user", "content": "Name three colours."}]
     server = start_server(
-        tmp_path_factory,
-        "ifq",
-        ["--model-path", str(tiny_folder), "--kv-cache-memory", "64MiB"],
-        env={"QUANTIZATION": "auto"},
+        tmp_path_factory, mode, ["--model-path", str(folder), "--kv-cache-memory", "64MiB"], env
     )
     try:
         r = httpx.post(
             f"{server.url}/v1/chat/completions",
-            json={"messages": messages, "temperature": 0, "max_tokens": 16},
+            json={"messages": MESSAGES, "temperature": 0, "max_tokens": 16},
             timeout=120,
         )
         assert r.status_code == 200, r.text
         api = r.json()["choices"][0]["message"]["content"]
-        assert "QUANTIZATION=auto: ifq" in server.logs()
+        logs = server.logs()
     finally:
         server.stop()
-    with LLM(str(tiny_folder), quantization="ifq", kv_cache_memory=2**26) as llm:
+    with LLM(str(folder), quantization=mode, kv_cache_memory=2**26) as llm:
         offline = llm.generate(
-            [llm.encode_chat(messages)],
+            [llm.encode_chat(MESSAGES)],
             GenerationParams(max_tokens=16, sampling=SamplingParams(temperature=0)),
         )
     assert api == offline[0].text and api
+    return logs
+
+
+def test_ifq_api_greedy_equals_offline_ifq(tmp_path_factory, tiny_folder):
+    logs = _api_vs_offline(tmp_path_factory, tiny_folder, "ifq", {"QUANTIZATION": "auto"})
+    assert "QUANTIZATION=auto: ifq" in logs
+
+
+@pytest.mark.parametrize("mode", ["fp8", "ifq_nf4"])
+def test_dequantized_modes_api_greedy_equals_offline(tmp_path_factory, tiny_folder, mode):
+    logs = _api_vs_offline(tmp_path_factory, tiny_folder, mode, {"QUANTIZATION": mode})
+    assert f"quantization {mode} on cpu" in logs
 
 
 def _serve_fails(folder, env: dict) -> str:
@@ -63,42 +76,17 @@ def _serve_fails(folder, env: dict) -> str:
 
 
 def test_auto_serves_a_folder_holding_only_the_smoothquant_file(tmp_path_factory, tiny_folder):
-    from launcher.llm import LLM
     from launcher.quantize import quantize
-    from router.params import GenerationParams
-    from shards.wire import SamplingParams
 
     out = tmp_path_factory.mktemp("smoothquant") / "model"
     quantize(str(tiny_folder), str(out), calibration_tokens=512, window=128, progress=False)
     assert not list(out.glob("model*.safetensors"))  # only config, tokenizer and the file
-    messages = [{"role": "user", "content": "Name three colours."}]
-    server = start_server(
-        tmp_path_factory,
-        "smoothquant",
-        ["--model-path", str(out), "--kv-cache-memory", "64MiB"],
-        env={"QUANTIZATION": "auto", "QUALITY_CHECK": "1"},
-    )
-    try:
-        r = httpx.post(
-            f"{server.url}/v1/chat/completions",
-            json={"messages": messages, "temperature": 0, "max_tokens": 16},
-            timeout=120,
-        )
-        assert r.status_code == 200, r.text
-        api = r.json()["choices"][0]["message"]["content"]
-        logs = server.logs()
-        assert "QUANTIZATION=auto: smoothquant" in logs
-        # a random tiny model over a 49k vocabulary scores near-uniform: perplexity in the 10^4s
-        assert re.search(r"quality-check: held-out perplexity \d{4,}\.\d+ over \d+ tokens "
-                         r"\(quantization smoothquant\)", logs)  # fmt: skip
-    finally:
-        server.stop()
-    with LLM(str(out), quantization="smoothquant", kv_cache_memory=2**26) as llm:
-        offline = llm.generate(
-            [llm.encode_chat(messages)],
-            GenerationParams(max_tokens=16, sampling=SamplingParams(temperature=0)),
-        )
-    assert api == offline[0].text and api
+    env = {"QUANTIZATION": "auto", "QUALITY_CHECK": "1"}
+    logs = _api_vs_offline(tmp_path_factory, out, "smoothquant", env)
+    assert "QUANTIZATION=auto: smoothquant" in logs
+    # a random tiny model over a 49k vocabulary scores near-uniform: perplexity in the 10^4s
+    assert re.search(r"quality-check: held-out perplexity \d{4,}\.\d+ over \d+ tokens "
+                     r"\(quantization smoothquant\)", logs)  # fmt: skip
 
 
 def test_smoothquant_without_its_file_is_a_start_up_error(tiny_folder):

@@ -133,7 +133,9 @@ class Drafter:
     """Draft trees for decoding sequences, sized by each one's measured acceptance."""
 
     max_depth: int = 8  # NUM_SPECULATIVE_TOKENS: the deepest guess
-    max_branches: int = 4
+    # Wider trees rarely paid here: a second branch helps a little, more cost more to verify
+    # than they add (BENCHMARKS.md)
+    max_branches: int = 2
     max_ngram: int = 4
     # Draft tokens per step over all sequences: past this, a step is compute-bound and
     # verifying guesses costs more than it saves.
@@ -194,7 +196,7 @@ class Drafter:
     def for_backend(depth: int, attention_backend: str) -> Drafter:
         """flash-attn's kernels take causal masks only: there drafts are single chains, whose
         tree mask is the causal one."""
-        return Drafter(max_depth=depth, max_branches=1 if attention_backend == "flash-attn" else 4)
+        return Drafter(max_depth=depth, max_branches=1 if attention_backend == "flash-attn" else 2)
 
     def record(self, seq_id: int, proposed: int, accepted: int) -> None:
         st = self.states.get(seq_id)

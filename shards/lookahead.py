@@ -7,15 +7,20 @@ from __future__ import annotations
 import torch
 
 
+def _children(parents: list[int]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for i, p in enumerate(parents, start=1):
+        out.setdefault(p, []).append(i)
+    return out
+
+
 def accept_greedy(
     choices: list[int], token_ids: list[int], parents: list[int]
 ) -> tuple[list[int], list[int]]:
     """Walk the tree from the root while a child holds the model's choice (`choices[i]` is the
     argmax after node i). Returns the accepted draft nodes and the output tokens: their tokens,
     then the model's choice after the last of them."""
-    children: dict[int, list[int]] = {}
-    for i, p in enumerate(parents, start=1):
-        children.setdefault(p, []).append(i)
+    children = _children(parents)
     node, path = 0, []
     while True:
         want = choices[node]
@@ -36,9 +41,7 @@ def accept_sampled(
     as the node's distribution; a rejected child's token is removed from r (the residual
     (r - q)+ for a draft q that is certain of it) and r renormalized. If no child is accepted,
     the next token is drawn from what is left of r."""
-    children: dict[int, list[int]] = {}
-    for i, p in enumerate(parents, start=1):
-        children.setdefault(p, []).append(i)
+    children = _children(parents)
     node, path = 0, []
     while True:
         r = probs[node]

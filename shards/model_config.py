@@ -100,7 +100,32 @@ def _number(raw: dict, name: str, kind, source: str, default=None):
     return kind(value)
 
 
+def _qwen_v1(raw: dict, source: str) -> dict:
+    """Qwen v1's config.json in the names the rest of this module reads. Its `intermediate_size`
+    counts both MLP halves. Dynamic NTK and logn attention scaling act only past `seq_length`
+    tokens, so the context is capped there and both stay the identity."""
+    out = dict(raw)
+    heads = _number(raw, "num_attention_heads", int, source)
+    hidden = _number(raw, "hidden_size", int, source)
+    out["intermediate_size"] = _number(raw, "intermediate_size", int, source) // 2
+    out["head_dim"] = _number(raw, "kv_channels", int, source, hidden // heads)
+    out["rms_norm_eps"] = _number(raw, "layer_norm_epsilon", float, source, 1e-6)
+    out["rope_theta"] = _number(raw, "rotary_emb_base", float, source, 10000.0)
+    out["partial_rotary_factor"] = _number(raw, "rotary_pct", float, source, 1.0)
+    context = _number(raw, "max_position_embeddings", int, source, 2048)
+    if raw.get("use_dynamic_ntk") or raw.get("use_logn_attn"):
+        context = _number(raw, "seq_length", int, source, context)
+    out["max_position_embeddings"] = context
+    out["tie_word_embeddings"] = False
+    for key in ("rope_parameters", "rope_scaling", "num_key_value_heads", "attention_bias"):
+        out.pop(key, None)
+    return out
+
+
 def _from_dict(raw: dict, generation: dict | None, source: str) -> ModelConfig:
+    if raw.get("model_type") == "qwen":
+        raw = _qwen_v1(raw, source)
+
     def need(name: str):
         return _number(raw, name, int, source)
 

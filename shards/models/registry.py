@@ -8,6 +8,7 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("shards.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("shards.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("shards.models.qwen2", "Qwen2ForCausalLM"),
+    "QWenLMHeadModel": ("shards.models.qwen", "QWenLMHeadModel"),
 }
 
 

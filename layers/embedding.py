@@ -89,6 +89,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         wanted = quant is not None and quant.name != "none" and quant.quantize_lm_head
         self.quant = quant if wanted else None
         self.quantized: _HeadMatmul | None = None
+        self.normalize_rows = False  # Baichuan2's NormHead: unit-length rows
 
     tied = False
 
@@ -99,6 +100,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def finalize_weights(self) -> None:
         w = self.weight
+        if self.normalize_rows:
+            assert not self.tied, "a normalized head cannot share the embedding's rows"
+            w.data = F.normalize(w.data.float(), dim=-1).to(w.dtype)
         if self.quant is not None:
             self.quantized = _HeadMatmul(w.data, self.pctx, self.quant)
             self.quant.finalize(self.quantized)

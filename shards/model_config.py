@@ -122,9 +122,25 @@ def _qwen_v1(raw: dict, source: str) -> dict:
     return out
 
 
+def _baichuan(raw: dict, source: str) -> dict:
+    """Baichuan's 13B models replace rotary embeddings with ALiBi biases; their configs say so
+    only by size (hidden 5,120: the rule vLLM uses too)."""
+    archs = raw.get("architectures") or []
+    if archs and archs[0] == "BaichuanForCausalLM" and raw.get("hidden_size") != 4096:
+        raise ModelConfigError(
+            f"{source}: Baichuan 13B models (hidden size {raw.get('hidden_size')}) use ALiBi "
+            "attention, which is not supported yet; Baichuan-7B and Baichuan2-7B are"
+        )
+    out = dict(raw)
+    out.setdefault("max_position_embeddings", raw.get("model_max_length", 4096))
+    return out
+
+
 def _from_dict(raw: dict, generation: dict | None, source: str) -> ModelConfig:
     if raw.get("model_type") == "qwen":
         raw = _qwen_v1(raw, source)
+    elif raw.get("model_type") == "baichuan":
+        raw = _baichuan(raw, source)
 
     def need(name: str):
         return _number(raw, name, int, source)

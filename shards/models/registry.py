@@ -9,6 +9,8 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("shards.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("shards.models.qwen2", "Qwen2ForCausalLM"),
     "QWenLMHeadModel": ("shards.models.qwen", "QWenLMHeadModel"),
+    "BaiChuanForCausalLM": ("shards.models.baichuan", "BaichuanForCausalLM"),
+    "BaichuanForCausalLM": ("shards.models.baichuan", "BaichuanForCausalLM"),
 }
 
 

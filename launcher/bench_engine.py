@@ -52,12 +52,28 @@ def _long_prompt(tokenizer, n_tokens: int) -> list[int]:
     return tokenizer.encode(text)[:n_tokens]
 
 
-def _ours(args, prompts, long_prompt) -> dict:
+# What each of our columns runs: (quantization, compiled decode steps).
+VARIANTS = {
+    "eager": ("none", False),
+    "compiled": ("none", True),
+    "compiled-ifq": ("ifq", True),
+}
+
+
+def _ours(args, variant: str, prompts, long_prompt) -> dict:
     from launcher.llm import LLM
     from router.params import GenerationParams
     from shards.wire import SamplingParams
 
-    llm = LLM(args.model, num_threads=args.threads, max_model_len=4096, kv_cache_memory=512 * 2**20)
+    quantization, compiled = VARIANTS[variant]
+    llm = LLM(
+        args.model,
+        num_threads=args.threads,
+        max_model_len=4096,
+        kv_cache_memory=512 * 2**20,
+        quantization=quantization,
+        cpu_compile=compiled,
+    )
     greedy = SamplingParams(temperature=0.0)
     params = GenerationParams(max_tokens=args.max_tokens, sampling=greedy, ignore_eos=True)
     llm.generate([prompts[0]], GenerationParams(max_tokens=4, sampling=greedy))  # warm-up
@@ -67,19 +83,19 @@ def _ours(args, prompts, long_prompt) -> dict:
     llm.generate([prompts[0]], params)
     out["single_tok_s"] = args.max_tokens / (time.perf_counter() - t)
     out["single_steps"] = llm.engine.times.summary()
-    log.info("ours single stream: %.1f tok/s", out["single_tok_s"])
+    log.info("%s single stream: %.1f tok/s", variant, out["single_tok_s"])
     llm.engine.times = type(llm.engine.times)()
     t = time.perf_counter()
     llm.generate(prompts, params)
     out["batch_tok_s"] = len(prompts) * args.max_tokens / (time.perf_counter() - t)
     out["batch_steps"] = llm.engine.times.summary()
-    log.info("ours %d prompts: %.1f tok/s", len(prompts), out["batch_tok_s"])
+    log.info("%s %d prompts: %.1f tok/s", variant, len(prompts), out["batch_tok_s"])
     cold = GenerationParams(max_tokens=1, sampling=greedy)
     llm.scheduler.allocator.enable_prefix_caching = False  # measure the prefill itself
     t = time.perf_counter()
     llm.generate([long_prompt], cold)
     out["prefill_tok_s"] = len(long_prompt) / (time.perf_counter() - t)
-    log.info("ours prefill of %d tokens: %.1f tok/s", len(long_prompt), out["prefill_tok_s"])
+    log.info("%s prefill of %d tokens: %.1f tok/s", variant, len(long_prompt), out["prefill_tok_s"])
     out["model_path"] = llm.model_path
     llm.close()
     return out
@@ -131,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-tokens", type=int, default=1200)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"our configurations to run, comma-separated (of {', '.join(VARIANTS)})",
+    )
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
@@ -142,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = _prompts(tokenizer, args.batch)
     long_prompt = _long_prompt(tokenizer, args.prefill_tokens)
-    ours = _ours(args, prompts, long_prompt)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
+    ours = {v: _ours(args, v, prompts, long_prompt) for v in variants}
     ref = None if args.skip_transformers else _transformers(args, model_path, prompts, long_prompt)
     report = {
         "machine": f"{platform.machine()}, {_cpus()} CPUs",
@@ -169,15 +194,18 @@ def _table(r: dict) -> str:
         (f"{r['batch']} prompts", "batch_tok_s"),
         ("prefill", "prefill_tok_s"),
     ]
-    lines = [f"{'measure':24s} {'ours tok/s':>12s} {'transformers':>13s} {'ratio':>7s}"]
+    head = "".join(f" {v:>20s}" for v in ours)
+    lines = [f"tok/s (x transformers)   {head} {'transformers':>13s}"]
     for name, key in rows:
         theirs = ref[key] if ref else float("nan")
-        lines.append(f"{name:24s} {ours[key]:12.1f} {theirs:13.1f} {ours[key] / theirs:6.2f}x")
-    for label, key in (("single", "single_steps"), ("batch", "batch_steps")):
-        s = ours[key]
-        lines.append(
-            f"step time ({label}): forward+sample {s['forward_ms']:.2f} ms, schedule "
-            f"{s['schedule_ms']:.3f} ms, update {s['update_ms']:.3f} ms, "
-            f"{s['tokens_per_step']:.1f} tokens/step"
-        )
+        cells = "".join(f" {o[key]:11.1f} ({o[key] / theirs:5.2f}x)" for o in ours.values())
+        lines.append(f"{name:24s}{cells} {theirs:13.1f}")
+    for variant, o in ours.items():
+        for label, key in (("single", "single_steps"), ("batch", "batch_steps")):
+            s = o[key]
+            lines.append(
+                f"step time, {variant} ({label}): forward+sample {s['forward_ms']:.2f} ms, "
+                f"schedule {s['schedule_ms']:.3f} ms, update {s['update_ms']:.3f} ms, "
+                f"{s['tokens_per_step']:.1f} tokens/step"
+            )
     return "\n".join(lines)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from launcher.flags import opt, parse_bool, parse_bytes, parse_optional_int
+
 GiB = 2**30
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
 DEFAULT_MODEL_PATH = "/data/model"
 
 
@@ -24,77 +23,31 @@ class ConfigError(ValueError):
     """A bad flag or environment value; the message names the flag."""
 
 
-def parse_bool(text: str) -> bool:
-    value = str(text).strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"expected one of 0, 1, true, false; got {text!r}")
-
-
-def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"expected a size such as 2GiB, 512MiB or a byte count; got {text!r}")
-    number, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    scale = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit[0]]
-    return int(number * scale)
-
-
-def parse_optional_int(text: str) -> int | None:
-    return None if str(text).strip().lower() in ("", "none") else int(text)
-
-
-def _opt(
-    flags: list[str] | str | None,
-    env: str | None,
-    default: Any,
-    help: str,
-    parse=str,
-    choices: list[str] | None = None,
-    is_flag: bool = False,
-    file_key: str | None = None,
-):
-    """A Config field: its flags, env var, default, parser and help."""
-    flags = [flags] if isinstance(flags, str) else (flags or [])
-    meta = dict(
-        flags=flags,
-        env=env,
-        help=help,
-        parse=parse,
-        choices=choices,
-        is_flag=is_flag,
-        file_key=file_key,
-    )
-    return field(default=default, metadata=meta)
-
-
 @dataclass(frozen=True)
 class Config:
     # -- model ---------------------------------------------------------------------------------
-    model_path: str = _opt(
+    model_path: str = opt(
         ["--model-path", "--model"],
         "MODEL_PATH",
         DEFAULT_MODEL_PATH,
         "model folder (config.json, weights, tokenizer); when the default "
         "folder does not exist the embedded default model is served",
     )
-    model_id: str | None = _opt(
+    model_id: str | None = opt(
         ["--served-model-name"],
         "MODEL_ID",
         None,
         "model name reported by the API (ti_model_config.json model_id)",
         file_key="model_id",
     )
-    conv_template: str | None = _opt(
+    conv_template: str | None = opt(
         ["--conv-template"],
         "CONV_TEMPLATE",
         None,
         "chat template name (ti_model_config.json conv_template_name)",
         file_key="conv_template_name",
     )
-    trust_remote_code: bool = _opt(
+    trust_remote_code: bool = opt(
         "--trust-remote-code",
         "TRUST_REMOTE_CODE",
         False,
@@ -102,28 +55,28 @@ class Config:
         parse=parse_bool,
         is_flag=True,
     )
-    dtype: str | None = _opt(
+    dtype: str | None = opt(
         "--dtype",
         "DTYPE",
         None,
         "compute dtype: auto, float16, bfloat16, float32 (default: float16 on GPU, float32 on CPU)",
         choices=["auto", "float16", "bfloat16", "float32"],
     )
-    max_model_len: int | None = _opt(
+    max_model_len: int | None = opt(
         "--max-model-len",
         "MAX_MODEL_LEN",
         None,
         "context length (default: the model's)",
         parse=parse_optional_int,
     )
-    quantization: str = _opt(
+    quantization: str = opt(
         "--quantization",
         "QUANTIZATION",
         "none",
         "weight quantization",
         choices=["none", "ifq", "ifq_nf4", "fp8", "smoothquant", "auto"],
     )
-    quality_check: bool = _opt(
+    quality_check: bool = opt(
         "--quality-check",
         "QUALITY_CHECK",
         False,
@@ -131,46 +84,46 @@ class Config:
         parse=parse_bool,
         is_flag=True,
     )
-    seed: int | None = _opt(
+    seed: int | None = opt(
         "--seed", "SEED", None, "random seed for sampling", parse=parse_optional_int
     )
     # -- parallelism ---------------------------------------------------------------------------
-    num_gpus: int | None = _opt(
+    num_gpus: int | None = opt(
         ["--num-gpus", "--tensor-parallel-size"],
         "TP",
         None,
         "tensor parallel size (default: the visible GPUs, 1 on CPU)",
         parse=parse_optional_int,
     )
-    worker_num: int = _opt(
+    worker_num: int = opt(
         "--worker-num",
         "WORKER_NUM",
         1,
         "independent worker groups (data-parallel replicas)",
         parse=int,
     )
-    nnodes: int = _opt("--nnodes", "NNODES", 1, "machines one worker group spans", parse=int)
-    node_rank: int = _opt(
+    nnodes: int = opt("--nnodes", "NNODES", 1, "machines one worker group spans", parse=int)
+    node_rank: int = opt(
         "--node-rank", "NODE_RANK", 0, "this machine's index; node 0 runs the router", parse=int
     )
-    master_addr: str = _opt(
+    master_addr: str = opt(
         "--master-addr", "MASTER_ADDR", "127.0.0.1", "node 0's address for the rendezvous"
     )
-    master_port: int | None = _opt(
+    master_port: int | None = opt(
         "--master-port",
         "MASTER_PORT",
         None,
         "node 0's rendezvous port (default: a free port; required with --nnodes > 1)",
         parse=parse_optional_int,
     )
-    collective_timeout: float = _opt(
+    collective_timeout: float = opt(
         "--collective-timeout",
         "COLLECTIVE_TIMEOUT",
         120.0,
         "seconds before a rendezvous or a collective with a dead or hung rank fails",
         parse=float,
     )
-    limit_worker_concurrency: int = _opt(
+    limit_worker_concurrency: int = opt(
         "--limit-worker-concurrency",
         "MAX_CONCURRENCY",
         128,
@@ -178,30 +131,30 @@ class Config:
         parse=int,
     )
     # -- scheduling ----------------------------------------------------------------------------
-    max_num_batched_tokens: int | None = _opt(
+    max_num_batched_tokens: int | None = opt(
         "--max-num-batched-tokens",
         "MAX_NUM_BATCHED_TOKENS",
         None,
         "tokens per step (default: max(context, 2048))",
         parse=parse_optional_int,
     )
-    max_num_seqs: int = _opt("--max-num-seqs", "MAX_NUM_SEQS", 256, "sequences per step", parse=int)
-    block_size: int = _opt("--block-size", "BLOCK_SIZE", 16, "tokens per KV cache block", parse=int)
-    kv_cache_memory: int = _opt(
+    max_num_seqs: int = opt("--max-num-seqs", "MAX_NUM_SEQS", 256, "sequences per step", parse=int)
+    block_size: int = opt("--block-size", "BLOCK_SIZE", 16, "tokens per KV cache block", parse=int)
+    kv_cache_memory: int = opt(
         "--kv-cache-memory",
         "KV_CACHE_MEMORY",
         2 * GiB,
         "KV cache size on CPU, e.g. 2GiB",
         parse=parse_bytes,
     )
-    gpu_memory_utilization: float = _opt(
+    gpu_memory_utilization: float = opt(
         ["--gpu-memory-utilization", "--gpu_memory_utilization"],
         "GPU_MEMORY_UTILIZATION",
         0.9,
         "share of GPU memory for weights, activations and KV cache",
         parse=float,
     )
-    enable_prefix_caching: bool = _opt(
+    enable_prefix_caching: bool = opt(
         "--enable-prefix-caching",
         "ENABLE_PREFIX_CACHING",
         True,
@@ -209,7 +162,7 @@ class Config:
         parse=parse_bool,
         is_flag=True,
     )
-    enforce_eager: bool = _opt(
+    enforce_eager: bool = opt(
         "--enforce-eager",
         "ENFORCE_EAGER",
         True,
@@ -217,7 +170,16 @@ class Config:
         parse=parse_bool,
         is_flag=True,
     )
-    use_v2_block_manager: bool = _opt(
+    cpu_compile: bool = opt(
+        "--cpu-compile",
+        "CPU_COMPILE",
+        True,
+        "compile decode steps on CPU at start-up (torch.compile; a minute the first time, "
+        "seconds once cached); 0 runs them eagerly",
+        parse=parse_bool,
+        is_flag=True,
+    )
+    use_v2_block_manager: bool = opt(
         "--use-v2-block-manager",
         None,
         False,
@@ -226,7 +188,7 @@ class Config:
         is_flag=True,
     )
     # -- lookahead -----------------------------------------------------------------------------
-    use_lookahead: bool = _opt(
+    use_lookahead: bool = opt(
         "--use-lookahead",
         "USE_LOOKAHEAD",
         False,
@@ -234,7 +196,7 @@ class Config:
         parse=parse_bool,
         is_flag=True,
     )
-    num_speculative_tokens: int = _opt(
+    num_speculative_tokens: int = opt(
         "--num-speculative-tokens",
         "NUM_SPECULATIVE_TOKENS",
         8,
@@ -242,9 +204,9 @@ class Config:
         parse=int,
     )
     # -- server --------------------------------------------------------------------------------
-    host: str = _opt("--host", "HOST", "0.0.0.0", "address to listen on")
-    port: int = _opt("--port", "PORT", 8501, "port to listen on", parse=int)
-    api_keys: tuple[str, ...] = _opt(
+    host: str = opt("--host", "HOST", "0.0.0.0", "address to listen on")
+    port: int = opt("--port", "PORT", 8501, "port to listen on", parse=int)
+    api_keys: tuple[str, ...] = opt(
         "--api-keys",
         "OPENAI_API_KEYS",
         (),
@@ -252,21 +214,21 @@ class Config:
         parse=lambda s: tuple(k.strip() for k in s.split(",") if k.strip()),
     )
     # -- the DeepSpeed image's dynamic batching (parsed; implemented with its scheduler) --------
-    ds_dtype: str = _opt(
+    ds_dtype: str = opt(
         "--ds-dtype",
         "DS_DTYPE",
         "float16",
         "DeepSpeed-image dtype: float16, bfloat16, int8",
         choices=["float16", "bfloat16", "int8"],
     )
-    max_batch_size: int = _opt(
+    max_batch_size: int = opt(
         "--max-batch-size",
         "MAX_BATCH_SIZE",
         16,
         "DeepSpeed-image: requests per dynamic batch",
         parse=int,
     )
-    batch_wait_timeout: float = _opt(
+    batch_wait_timeout: float = opt(
         "--batch-wait-timeout",
         "BATCH_WAIT_TIMEOUT",
         0.1,

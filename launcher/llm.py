@@ -58,7 +58,11 @@ class LLM:
         device: str = "cpu",
         enforce_eager: bool = True,
         gpu_memory_utilization: float = 0.9,
+        cpu_compile: bool = True,
     ) -> None:
+        """cpu_compile: on CPU, compile decode steps at start-up (about a minute the first time
+        on two cores, seconds once torch's compile cache holds them): several times faster
+        single-stream decoding with `quantization="ifq"` (BENCHMARKS.md)."""
         if model is None:
             from launcher.embedded import ensure_embedded_model
 
@@ -84,6 +88,7 @@ class LLM:
             device=device,
             enforce_eager=enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization,
+            cpu_compile=cpu_compile,
         )
         if shard_process or tensor_parallel_size > 1:  # ranks are always processes
             from launcher.shard_process import ShardProcess

@@ -176,6 +176,7 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
         quantization=quantization,
         collective_timeout_s=c.collective_timeout,
         enforce_eager=c.enforce_eager,
+        cpu_compile=c.cpu_compile,
     )
     groups = [
         group_specs(

@@ -16,6 +16,12 @@ class RopeScalingError(ValueError):
     pass
 
 
+def rope_type(scaling: dict | None) -> str:
+    """The rope_scaling variant a config names (older configs spell the key `type`)."""
+    scaling = scaling or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
 def _inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
 
@@ -57,7 +63,7 @@ class RotaryEmbedding(nn.Module):
         self.base = base
         self.interleaved = interleaved
         scaling = dict(scaling or {})
-        self.rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        self.rope_type = rope_type(scaling)
         inv_freq = _inv_freq(base, rotary_dim)
         if self.rope_type == "linear":
             inv_freq = inv_freq / scaling["factor"]

@@ -65,7 +65,13 @@ def allocate(
     num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, device
 ) -> list[KVCache]:
     # Zero-filled: masked-out slots are still multiplied by a zero weight, and 0 * NaN is NaN.
-    full = torch.zeros(
-        num_layers, 2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device
-    )
-    return [(full[i, 0], full[i, 1]) for i in range(num_layers)]
+    # One tensor each, not views of one: a compiled step writes its layers' caches in place
+    # only when no two of its inputs share storage.
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    return [
+        (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+        for _ in range(num_layers)
+    ]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from layers.attention.metadata import AttentionMetadata, BatchLayout, positions_and_slots
+from shards.compiled_decode import CompiledDecode
 from shards.cuda_graphs import DecodeGraphs
 from shards.kv_cache import KVCache
 from shards.lookahead import accept_greedy, accept_sampled, move_kv
@@ -31,6 +32,7 @@ class ModelRunner:
         seed: int | None = None,
         driver: bool = True,
         graphs: DecodeGraphs | None = None,
+        compiled: CompiledDecode | None = None,
     ) -> None:
         # Only the driver (rank 0) samples and answers; other tensor-parallel ranks run the
         # same forward and join its collectives, including the LM head's gather.
@@ -41,6 +43,7 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.device = device
         self.graphs = graphs  # replays decode steps as CUDA graphs where they fit one
+        self.compiled = compiled  # runs decode steps torch.compile'd (CPU) where they fit
         self.sampler = Sampler(vocab_size, device, seed)
         self.states: dict[int, SeqSamplingState] = {}
 
@@ -54,15 +57,14 @@ class ModelRunner:
                 new.sampling, new.prompt_token_ids, self.vocab_size, self.device
             )
 
-    def forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[ScheduledSeq], list[int]]:
-        """Run the plan's tokens through the model, writing their K/V. Returns the hidden states
-        [num_tokens, hidden], the sequences in flat-batch order and the row of each sequence's
-        last token."""
-        seqs = sorted(plan.seqs, key=lambda s: len(s.token_ids) > 1)  # stable: singles first
+    def forward(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:
+        """Run the sequences' tokens (singles first) through the model, writing their K/V.
+        Returns the hidden states [num_tokens, hidden] and the row of each sequence's last
+        token."""
         if self.graphs is not None:
             hidden = self.graphs.run(seqs)
             if hidden is not None:
-                return hidden, seqs, list(range(len(seqs)))
+                return hidden, list(range(len(seqs)))
         trees = [s.draft_parents for s in seqs]
         layout = BatchLayout(
             query_lens=[len(s.token_ids) for s in seqs],
@@ -87,7 +89,7 @@ class ModelRunner:
             meta,
         )
         last_rows = list(itertools.accumulate(layout.query_lens))
-        return hidden, seqs, [r - 1 for r in last_rows]
+        return hidden, [r - 1 for r in last_rows]
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -96,13 +98,22 @@ class ModelRunner:
         move_kv(self.kv_caches, plan.kv_moves)  # before anything reads those slots
         if not plan.seqs:
             return StepResult(plan.step_id, [])
-        hidden, seqs, last_rows = self.forward(plan)
+        seqs = sorted(plan.seqs, key=lambda s: len(s.token_ids) > 1)  # stable: singles first
+        outputs: dict[int, SeqOutput] = {}
+        logits = self.compiled.run(seqs) if self.compiled is not None else None
+        if logits is not None:  # a decode step: one row per sequence
+            rows = [i for i, s in enumerate(seqs) if s.sample]
+            sampled = [seqs[i] for i in rows]
+            if sampled:
+                self._sample(logits if len(rows) == len(seqs) else logits[rows], sampled, outputs)
+            ordered = [outputs[s.seq_id] for s in plan.seqs if s.seq_id in outputs]
+            return StepResult(plan.step_id, ordered, time.perf_counter() - started)
+        hidden, last_rows = self.forward(seqs)
         sampled = [s for s in seqs if s.sample and s.draft_parents is None]
         rows = [r for s, r in zip(seqs, last_rows) if s.sample and s.draft_parents is None]
         trees = [(s, r) for s, r in zip(seqs, last_rows) if s.draft_parents is not None]
         for s, last in trees:  # every node of a tree is scored
             rows += range(last - len(s.token_ids) + 1, last + 1)
-        outputs: dict[int, SeqOutput] = {}
         if rows:
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
             if self.driver:

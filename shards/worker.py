@@ -9,7 +9,9 @@ import logging
 import torch
 
 from layers.attention.backend import Attention, select_backend
+from layers.rotary import rope_type
 from shards import kv_cache
+from shards.compiled_decode import COMPILED_MODES, CompiledDecode
 from shards.cuda_graphs import DecodeGraphs
 from shards.distributed import init_group, min_over_ranks
 from shards.loader import load_weights
@@ -103,6 +105,8 @@ class Worker:
             spec.collective_timeout_s,
         )
         pctx = self.pctx
+        why_eager = self._why_not_compiled(backend.name) if spec.cpu_compile else None
+        compiled = spec.cpu_compile and why_eager is None
         bc = BuildContext(
             pctx=pctx,
             dtype=self.dtype,
@@ -111,6 +115,7 @@ class Worker:
             max_position=self.max_model_len,
             quantization=spec.quantization,
             fast_kernels=spec.fast_kernels,
+            compiled_decode=compiled,
         )
         with torch.device(self.device):
             self.model = model_class(self.cfg.architecture)(self.cfg, bc).eval()
@@ -143,7 +148,12 @@ class Worker:
             spec.seed,
             driver=spec.rank == 0,
             graphs=self._decode_graphs(caches, backend.name) if cuda_graphs else None,
+            compiled=CompiledDecode(self.model, caches, self.block_size) if compiled else None,
         )
+        if why_eager:
+            log.info("decode steps run eagerly: not compiled with %s", why_eager)
+        elif compiled:  # now, rather than on the first request that needs each batch size
+            self.runner.compiled.warm_up()
         log.info(
             "shard %d/%d of group %d ready: %s %s on %s, %s attention, "
             "%d KV blocks of %d tokens (%.2f GiB)",
@@ -158,6 +168,21 @@ class Worker:
             self.block_size,
             num_blocks * self.kv_block_bytes / 2**30,
         )
+
+    def _why_not_compiled(self, backend_name: str) -> str | None:
+        # Compiled steps are for CPU ranks that run alone: gloo collectives and dynamic-NTK
+        # rotary (frequencies from host-side lengths) would break the graph.
+        if self.device.type != "cpu":
+            return f"a {self.device.type} device (CUDA graphs are its counterpart)"
+        if backend_name != "torch-sdpa":
+            return f"{backend_name} attention"
+        if self.spec.world_size > 1:
+            return "tensor parallelism"
+        if rope_type(self.cfg.rope_scaling) == "dynamic":
+            return "dynamic NTK rotary"
+        if self.spec.quantization not in COMPILED_MODES:
+            return f"quantization {self.spec.quantization}"
+        return None
 
     def _decode_graphs(self, caches, backend_name: str) -> DecodeGraphs | None:
         # Graphs record the SDPA backend's tensors and a single rank's kernels; gloo

@@ -129,3 +129,9 @@ def test_bad_values_name_the_flag(argv, env, flag):
 def test_config_round_trips_through_a_dict():
     c = load_config(["--api-keys", "a,b", "--seed", "3"], {})
     assert Config.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_cpu_compile_is_on_unless_turned_off():
+    assert load_config([], {}).cpu_compile is True
+    assert load_config([], {"CPU_COMPILE": "0"}).cpu_compile is False
+    assert load_config(["--cpu-compile", "0"], {"CPU_COMPILE": "1"}).cpu_compile is False

@@ -113,7 +113,8 @@ def our_logits(
     worker, tokens: list[int], prompt_len: int, chunk: int | None = None, seq_id: int = 1
 ):
     """Teacher-forced logits from our runner: prefill `tokens[:prompt_len]` in chunks of
-    `chunk`, then decode the rest one token at a time. Returns [len(tokens), vocab]."""
+    `chunk`, then decode the rest one token at a time (compiled where the worker compiles
+    decode steps). Returns [len(tokens), vocab]."""
     runner = worker.runner
     bs = runner.block_size
     blocks = list(range(1, -(-len(tokens) // bs) + 1))
@@ -125,8 +126,11 @@ def our_logits(
         n = min(chunk, prompt_len - pos) if pos < prompt_len else 1
         step += 1
         plan = StepPlan(step, [ScheduledSeq(seq_id, tokens[pos : pos + n], pos, blocks, False)])
-        hidden, _, _ = runner.forward(plan)
-        rows.append(worker.model.compute_logits(hidden).float())
+        logits = runner.compiled.run(plan.seqs) if runner.compiled is not None else None
+        if logits is None:
+            hidden, _ = runner.forward(plan.seqs)
+            logits = worker.model.compute_logits(hidden)
+        rows.append(logits.float())
         pos += n
     return torch.cat(rows)
 

@@ -37,6 +37,14 @@ class AttentionBackend:
 
 def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     k_cache, v_cache = kv_cache
+    if torch.compiler.is_compiling():
+        # Inside a compiled graph a write through a view of the cache makes inductor copy the
+        # whole cache; indexing the cache itself is written in place.
+        block_size = k_cache.shape[1]
+        where = (slots // block_size, slots % block_size)
+        k_cache.index_put_(where, k)
+        v_cache.index_put_(where, v)
+        return
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 

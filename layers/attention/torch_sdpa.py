@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from layers.attention.backend import AttentionBackend, KVCache, write_kv
 from layers.attention.metadata import AttentionMetadata
+from layers.attention.paged_decode import paged_decode_attention
 from layers.attention.tree import tree_mask
 
 
@@ -85,7 +86,13 @@ class TorchSDPABackend(AttentionBackend):
         kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         out = torch.empty_like(q)
         s = layout.num_single
-        if s:
+        if s and torch.compiler.is_compiling():
+            # A compiled decode step (shards/compiled_decode.py): all rows are single tokens.
+            block_ids, positions = meta.decode_inputs
+            out[:s] = paged_decode_attention(
+                q[:s], k_cache, v_cache, block_ids, positions, scale, sliding_window
+            )
+        elif s:
             block_ids, mask = self._single(meta, q.device, sliding_window)
             keys = _gather(k_cache, block_ids).view(s, -1, kv_heads, head_dim).transpose(1, 2)
             values = _gather(v_cache, block_ids).view(s, -1, kv_heads, head_dim).transpose(1, 2)

@@ -15,8 +15,11 @@ from torch import nn
 class QuantMode:
     name = "abstract"
 
-    def __init__(self, fast: bool = False) -> None:
+    def __init__(self, fast: bool = False, compiled: bool = False) -> None:
         self.fast = fast  # may use a faster kernel that must agree with the plain-torch path
+        # Decode steps may run inside torch.compile (shards/compiled_decode.py): keep what the
+        # compiled formulation reads, next to what the eager fast path reads.
+        self.compiled = compiled
 
     # Whether the LM head (its logits decide every token) takes this mode too, or stays in the
     # compute dtype, as bitsandbytes-style 4-bit loading leaves it.
@@ -65,6 +68,31 @@ def row_absmax(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
     if getattr(layer, "split", None) == "row":
         absmax = layer.pctx.all_reduce_max(absmax)
     return absmax
+
+
+# Up to this many rows, a compiled step computes a weight-only linear as one dequantize-
+# multiply-sum reduction per row (`fused_gemv`). Inductor fuses the cast into the reduction, so
+# int8 weights stream from memory as int8: ~2.5x float32's weight bandwidth at one row. Past 4
+# rows FBGEMM's GEMM wins (measured per shape on the 2-core AVX2 machine).
+FUSED_GEMV_MAX_ROWS = 4
+
+
+def fused_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T written as a multiply-and-sum per row of x, for torch.compile: `weight` is
+    the expression that dequantizes the stored values, which inductor fuses into the reduction
+    instead of materializing a float weight. x: [..., in] with at most FUSED_GEMV_MAX_ROWS
+    rows; weight: [out, in]."""
+    flat = x.reshape(-1, x.shape[-1])
+    # Materialize the input first: left to itself, inductor recomputes the op that produced it
+    # (a norm, SiLU) inside the reduction, once per output channel, which is several times slower.
+    flat = torch.ops.prims.inductor_force_stride_order.default(flat, (flat.shape[1], 1))
+    y = torch.stack([(row * weight).sum(-1) for row in flat.unbind(0)])
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fused_gemv_fits(x: torch.Tensor) -> bool:
+    """Whether this matmul runs inside a compiled step and is small enough for `fused_gemv`."""
+    return torch.compiler.is_compiling() and x.numel() <= FUSED_GEMV_MAX_ROWS * x.shape[-1]
 
 
 # The row count oneDNN lays packed weights out for: measured best across 1-64 rows here.

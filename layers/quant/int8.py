@@ -18,11 +18,19 @@ On CUDA, fast or not, the int8 weight is cast to the compute dtype for cuBLAS: t
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
 
-from layers.quant.base import QuantMode, drop_float_weight, float_weight, row_absmax
+from layers.quant.base import (
+    QuantMode,
+    drop_float_weight,
+    float_weight,
+    fused_gemv,
+    fused_gemv_fits,
+    row_absmax,
+)
 
 QMAX = 127
 
@@ -38,6 +46,28 @@ def quantize_rows(w: torch.Tensor, row_absmax: torch.Tensor) -> tuple[torch.Tens
     scale = (row_absmax.float() / QMAX).clamp(min=1e-12)
     q = torch.round(w.float() / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
     return q, scale
+
+
+# FBGEMM's packed weights are opaque objects that torch.compile cannot take as graph inputs. A
+# compiled step reaches them through `shardserve::fbgemm_linear`, keyed by the int8 tensor they
+# were packed from, which the graph does take as an input (compiled modes keep it).
+_PACKED: dict[int, object] = {}
+
+
+def register_packed(q: torch.Tensor, packed) -> None:
+    key = q.data_ptr()
+    _PACKED[key] = packed
+    weakref.finalize(q, _PACKED.pop, key, None)
+
+
+@torch.library.custom_op("shardserve::fbgemm_linear", mutates_args=())
+def _fbgemm_linear_op(x: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x, _PACKED[qweight.data_ptr()], True)
+
+
+@_fbgemm_linear_op.register_fake
+def _(x, qweight):
+    return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 def prepack_fbgemm(q: torch.Tensor, scale: torch.Tensor):
@@ -64,8 +94,10 @@ class Int8WeightOnly(QuantMode):
         if self.fast and w.device.type == "cpu" and w.dtype == torch.float32 and fbgemm_available():
             layer.fbgemm_packed = prepack_fbgemm(q, scale)
             layer.fbgemm_span = span_row(w.shape[1])
-        else:
+        if layer.fbgemm_packed is None or self.compiled:  # compiled steps read the plain int8
             layer.qweight = q
+            if layer.fbgemm_packed is not None:
+                register_packed(q, layer.fbgemm_packed)
         drop_float_weight(layer)
 
     def dequantized(self, layer) -> torch.Tensor:
@@ -77,12 +109,14 @@ class Int8WeightOnly(QuantMode):
 
     def weight_bytes(self, layer) -> int:
         out_features = layer.weight_scale.numel()
-        in_features = layer.in_local
-        return out_features * in_features + layer.weight_scale.numel() * 4
+        copies = (layer.qweight is not None) + (layer.fbgemm_packed is not None)
+        return copies * out_features * layer.in_local + out_features * 4
 
     def apply(self, layer, x, bias):
-        if layer.fbgemm_packed is not None:
-            y = fbgemm_two_pass(x, layer.fbgemm_packed, layer.fbgemm_span)
+        if layer.qweight is not None and fused_gemv_fits(x):
+            y = fused_gemv(x, layer.qweight.to(x.dtype)) * layer.weight_scale
+        elif layer.fbgemm_packed is not None:
+            y = fbgemm_two_pass(x, layer.fbgemm_packed, layer.fbgemm_span, layer.qweight)
         else:
             y = F.linear(x, layer.qweight.to(x.dtype)) * layer.weight_scale.to(x.dtype)
         return y + bias if bias is not None else y
@@ -109,20 +143,32 @@ def span_row(in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tens
     return span
 
 
-def fbgemm_two_pass(x: torch.Tensor, packed, span: torch.Tensor) -> torch.Tensor:
+def fbgemm_two_pass(
+    x: torch.Tensor, packed, span: torch.Tensor, qweight: torch.Tensor | None = None
+) -> torch.Tensor:
     """x @ W.T with FBGEMM's int8 GEMM at ~14-bit activation precision.
 
     FBGEMM rounds its whole input to one 7-bit grid. Each row is first scaled to [-1, 1] (one
     scale per token); the rounding error FBGEMM will make on that fixed grid is computed
-    exactly and fed through the same call as extra rows, so the weights stream once."""
+    exactly and fed through the same call as extra rows, so the weights stream once. Inside a
+    compiled step (`qweight`: the int8 tensor `packed` was registered under) the call goes
+    through `shardserve::fbgemm_linear` and inductor fuses the arithmetic around it."""
     flat = x.reshape(-1, x.shape[-1])
     m = flat.shape[0]
     r = _row_absmax(flat)
     xn = flat / r
+    if torch.compiler.is_compiling():
+        # One materialized xn for both uses: inductor would otherwise recompute it for each,
+        # possibly a bit differently, and the error pass must see FBGEMM's exact input.
+        xn = torch.ops.prims.inductor_force_stride_order.default(xn, (xn.shape[1], 1))
     # FBGEMM's rounding of xn: its zero point is a whole number, so it drops out; torch.round
     # rounds half to even as FBGEMM does, and is ~5x faster than fake_quantize here.
     lo = xn - torch.round(xn * _UNIT_INV_SCALE).mul_(_UNIT_SCALE)
     r_lo = _row_absmax(lo)
-    y = torch.ops.quantized.linear_dynamic(torch.cat([xn, lo.div_(r_lo), span]), packed, True)
+    rows = torch.cat([xn, lo.div_(r_lo), span])
+    if torch.compiler.is_compiling():
+        y = _fbgemm_linear_op(rows, qweight)
+    else:
+        y = torch.ops.quantized.linear_dynamic(rows, packed, True)
     y = torch.addcmul(y[:m], y[m : 2 * m], r_lo).mul_(r)
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -21,7 +21,7 @@ class QuantConfigError(ValueError):
     """A quantization mode that cannot run here; the message says why."""
 
 
-def get_quant_mode(name: str, fast: bool = False) -> QuantMode:
+def get_quant_mode(name: str, fast: bool = False, compiled: bool = False) -> QuantMode:
     if name not in _MODES:
         if name == "auto":
             raise QuantConfigError(
@@ -29,4 +29,4 @@ def get_quant_mode(name: str, fast: bool = False) -> QuantMode:
                 "and device first (launcher.serve.resolve_quantization)"
             )
         raise QuantConfigError(f"unknown quantization {name!r} (known: {', '.join(KNOWN_MODES)})")
-    return _MODES[name](fast)
+    return _MODES[name](fast, compiled)

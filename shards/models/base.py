@@ -23,9 +23,10 @@ class BuildContext:
     max_position: int  # rotary tables cover positions [0, max_position)
     quantization: str = "none"
     fast_kernels: bool = True  # optional faster kernels that must agree with the plain path
+    compiled_decode: bool = False  # decode steps may also run torch.compile'd
 
     def quant(self) -> QuantMode:
-        return get_quant_mode(self.quantization, self.fast_kernels)
+        return get_quant_mode(self.quantization, self.fast_kernels, self.compiled_decode)
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,9 @@ class WeightRule:
     split: Split
     slot: str = ""
     fused: tuple[str, ...] = ()
+
+
+def call_layer(layer: torch.nn.Module, *args):
+    """One decoder layer's forward: the seam where a compiled decode step swaps in its compiled
+    version of the same call."""
+    return layer(*args)

@@ -16,7 +16,7 @@ from layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowPara
 from layers.norm import RMSNorm
 from layers.rotary import RotaryEmbedding
 from shards.model_config import ModelConfig
-from shards.models.base import BuildContext, WeightRule
+from shards.models.base import BuildContext, WeightRule, call_layer
 
 _L = "model.layers.{i}."
 
@@ -119,12 +119,14 @@ class LlamaModel(nn.Module):
             device=bc.device,
         )
 
-    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
+    def forward(
+        self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata, layer_step
+    ):
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.cos_sin(positions, meta.seq_lens_per_token, h.dtype)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h, residual = layer(self.rotary_emb, cos, sin, h, residual, kv_cache, meta)
+            h, residual = layer_step(layer, self.rotary_emb, cos, sin, h, residual, kv_cache, meta)
         h, _ = self.norm(h, residual)
         return h
 
@@ -152,9 +154,10 @@ class LlamaForCausalLM(nn.Module):
     def needs_seq_lens(self) -> bool:
         return self.model.rotary_emb.needs_seq_lens
 
-    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        # [num_tokens] -> [num_tokens, hidden_size]
-        return self.model(input_ids, positions, kv_caches, meta)
+    def forward(self, input_ids, positions, kv_caches, meta, layer_step=call_layer) -> torch.Tensor:
+        # [num_tokens] -> [num_tokens, hidden_size]. `layer_step` runs one decoder layer: a
+        # compiled decode step passes its compiled one (shards/compiled_decode.py).
+        return self.model(input_ids, positions, kv_caches, meta, layer_step)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # [num_rows, hidden_size] -> [num_rows, vocab_size]

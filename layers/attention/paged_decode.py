@@ -1,0 +1,41 @@
+"""Decode attention over the paged cache written for torch.compile (CPU compiled decode steps).
+
+One query per sequence. Scores and the weighted sum are plain multiply-and-sum reductions over
+cache rows addressed through the block table, so inductor reads each K/V row where it lies in
+the cache instead of gathering the sequence's blocks into a new tensor first (what the eager
+SDPA path must do). Decode attention is bound by reading K/V, not by arithmetic, so reductions
+lose nothing to a matmul here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """q: [s, heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim];
+    block_ids: [s, width] (padded with the null block); positions: [s], the query's position,
+    whose own K/V are already in the cache. Returns [s, heads, head_dim]."""
+    s, heads, head_dim = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    keys = k_cache[block_ids].view(s, -1, kv_heads, 1, head_dim)  # [s, ctx, kv_heads, 1, d]
+    values = v_cache[block_ids].view(s, -1, kv_heads, 1, head_dim)
+    qg = q.view(s, 1, kv_heads, group, head_dim)
+    scores = (qg * keys).sum(-1) * scale  # [s, ctx, kv_heads, group]
+    key_pos = torch.arange(block_ids.shape[1] * block_size, device=q.device)
+    ok = key_pos[None, :] <= positions[:, None]  # [s, ctx]
+    if sliding_window is not None:
+        ok = ok & (key_pos[None, :] > positions[:, None] - sliding_window)
+    scores = scores.masked_fill(~ok[:, :, None, None], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=1).to(q.dtype)
+    out = (probs[..., None] * values).sum(1)  # [s, kv_heads, group, d]
+    return out.reshape(s, heads, head_dim)

@@ -1,0 +1,142 @@
+"""Compiled decode steps on CPU: what CUDA graphs (shards/cuda_graphs.py) are on a GPU.
+
+A step in which every sequence runs one token is padded to the next of BATCH_SIZES and runs each
+decoder layer through one torch.compile'd layer step of that size, shared by all layers (their
+weights are its inputs), then the LM head through a compiled head step. Inductor fuses a
+layer's small ops (norms, rotary, residual adds, KV writes) into a few C++ loops, streams int8
+weights as int8 (`fused_gemv`, layers/quant/base.py) and attends over the paged cache in place
+(layers/attention/paged_decode.py). The block-table width is a dynamic dimension, so one
+compile per batch size covers every context length.
+
+Padding rows are token 0 at position 0 in the null block 0: they touch no sequence's KV.
+Other steps (prefill chunks, lookahead trees, prompt scoring) run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from layers.attention.metadata import AttentionMetadata, BatchLayout
+from shards.compile_cache import compiled_for
+from shards.kv_cache import KVCache
+from shards.wire import ScheduledSeq
+
+log = logging.getLogger("shardserve.compiled_decode")
+
+# Padded batch sizes: a step of n sequences runs the compiled step of the next size up.
+BATCH_SIZES = (1, 2, 4, 8, 16)
+
+# Quantization modes whose decode matmuls compile (the others' kernels are opaque to inductor
+# or rebuild float weights every step; they run eagerly).
+COMPILED_MODES = ("none", "ifq")
+
+
+def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return model.compute_logits(hidden)
+
+
+def _decode_layer(layer, rope, cos, sin, h, residual, kv_cache, slots, block_ids, positions):
+    # The layout is built inside the compiled function, so its guards check tensors only (a
+    # layout passed in would be guarded entry by entry, on every layer of every step).
+    n = h.shape[0]
+    layout = BatchLayout([1] * n, [0] * n, [[0]] * n, kv_cache[0].shape[1])
+    meta = AttentionMetadata(layout, slots, None, decode_inputs=(block_ids, positions))
+    return layer(rope, cos, sin, h, residual, kv_cache, meta)
+
+
+class CompiledDecode:
+    def __init__(self, model: nn.Module, kv_caches: list[KVCache], block_size: int) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        # Each batch size compiles the layer step twice (the first layer has no residual yet)
+        # and the head once; the default limit of 8 graphs per function would be reached.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # The decoder stack every family builds on (shards/models/llama.py: LlamaModel).
+        stack = model.model
+        self.compiled_layers = {  # id(layer) -> its compiled step, with the rotary it is given
+            id(layer): compiled_for(_decode_layer, layer, stack.rotary_emb)
+            for layer in stack.layers
+        }
+        self.compiled_head = compiled_for(_logits, model)
+        self.layouts = {
+            b: BatchLayout([1] * b, [0] * b, [[0]] * b, block_size) for b in BATCH_SIZES
+        }
+        self.ready: set[int] = set()  # batch sizes compiled
+        self.failed: str | None = None  # why compiling failed; every step then runs eagerly
+
+    def fits(self, seqs: list[ScheduledSeq]) -> bool:
+        return (
+            self.failed is None
+            and len(seqs) <= BATCH_SIZES[-1]
+            and all(len(s.token_ids) == 1 and not s.prompt_targets for s in seqs)
+        )
+
+    def run(self, seqs: list[ScheduledSeq]) -> torch.Tensor | None:
+        """The logits [len(seqs), vocab] of a decode step, or None if it does not fit one."""
+        if not seqs or not self.fits(seqs):
+            return None
+        n = len(seqs)
+        batch = next(b for b in BATCH_SIZES if b >= n)
+        pad = batch - n
+        bs = self.block_size
+        # A width of 1 would be specialized by the compiler rather than kept dynamic.
+        width = max(2, max(len(s.block_table) for s in seqs))
+        ids = [s.token_ids[0] for s in seqs] + [0] * pad
+        positions = [s.start_pos for s in seqs] + [0] * pad
+        slots = [s.block_table[s.start_pos // bs] * bs + s.start_pos % bs for s in seqs]
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        logits = self._step(
+            batch,
+            torch.tensor(ids),
+            torch.tensor(positions),
+            torch.tensor(slots + [0] * pad),
+            torch.tensor(tables + [[0] * width] * pad),
+        )
+        return None if logits is None else logits[:n]
+
+    def warm_up(self) -> None:
+        """Compile every batch size now, on padding-only steps, so no request waits for it."""
+        started = time.perf_counter()
+        for i, b in enumerate(BATCH_SIZES):
+            t = time.perf_counter()
+            zeros = torch.zeros(b, dtype=torch.long)
+            if self._step(b, zeros, zeros, zeros, torch.zeros(b, 2, dtype=torch.long)) is None:
+                return
+            log.info(
+                "compiled decode step %d/%d (%d sequences) in %.1fs",
+                i + 1,
+                len(BATCH_SIZES),
+                b,
+                time.perf_counter() - t,
+            )
+        log.info("decode steps compiled in %.1fs", time.perf_counter() - started)
+
+    def layer_step(self, layer, rope, cos, sin, h, residual, kv_cache, meta):
+        """`call_layer`'s signature (shards/models/base.py), run compiled."""
+        block_ids, positions = meta.decode_inputs
+        return self.compiled_layers[id(layer)](
+            layer, rope, cos, sin, h, residual, kv_cache, meta.slot_mapping, block_ids, positions
+        )
+
+    def _step(self, batch, ids, positions, slots, block_ids) -> torch.Tensor | None:
+        torch._dynamo.mark_dynamic(block_ids, 1)
+        meta = AttentionMetadata(
+            self.layouts[batch], slots, None, decode_inputs=(block_ids, positions)
+        )
+        if batch in self.ready:
+            hidden = self.model(ids, positions, self.kv_caches, meta, layer_step=self.layer_step)
+            return self.compiled_head(self.model, hidden)
+        try:  # the first call compiles: a machine without a C++ compiler fails here
+            hidden = self.model(ids, positions, self.kv_caches, meta, layer_step=self.layer_step)
+            logits = self.compiled_head(self.model, hidden)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("compiling decode steps failed (%s); they run eagerly", self.failed)
+            return None
+        self.ready.add(batch)
+        return logits

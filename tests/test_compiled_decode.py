@@ -1,0 +1,159 @@
+"""Compiled decode steps (shards/compiled_decode.py) against transformers and the eager path."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from shards.compiled_decode import BATCH_SIZES
+from shards.wire import NewSeq, SamplingParams, ScheduledSeq, StepPlan
+from tests.tiny import (
+    build_hf_model,
+    hf_logits,
+    make_worker,
+    our_logits,
+    save_checkpoint,
+    tiny_config,
+)
+
+ATOL = 1e-4  # float32, max abs, as for the eager path against transformers
+
+CONFIGS = {
+    "llama-gqa": lambda: tiny_config("llama"),
+    "llama-tied": lambda: tiny_config("llama", tie_word_embeddings=True),
+    "llama-partial-rotary": lambda: tiny_config("llama", partial_rotary_factor=0.5),
+    "mistral-window": lambda: tiny_config("mistral", sliding_window=8),
+    "qwen2": lambda: tiny_config("qwen2"),
+}
+
+
+def _tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    return save_checkpoint(build_hf_model(tiny_config("llama")), tmp_path_factory.mktemp("llama"))
+
+
+def _compiled(worker):
+    compiled = worker.runner.compiled
+    assert compiled is not None and compiled.failed is None
+    assert compiled.ready == set(BATCH_SIZES), "start-up compiles every batch size"
+    return compiled
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_compiled_decode_logits_match_transformers(name, tmp_path):
+    hf = build_hf_model(CONFIGS[name]())
+    worker = make_worker(save_checkpoint(hf, tmp_path), cpu_compile=True)
+    _compiled(worker)
+    tokens = _tokens(45, hf.config.vocab_size)  # decodes cross several 4-token blocks
+    ours = our_logits(worker, tokens, prompt_len=20)
+    torch.testing.assert_close(ours, hf_logits(hf, tokens, prompt_len=20), atol=ATOL, rtol=0)
+
+
+def _prefilled_batch(worker, n: int, seed: int) -> list[ScheduledSeq]:
+    """n sequences of different lengths with their prompts in the cache, each about to decode
+    one token; block tables of different widths."""
+    rng = random.Random(seed)
+    bs = worker.block_size
+    seqs, next_block = [], 1
+    for i in range(n):
+        prompt = _tokens(rng.randrange(3, 30), worker.cfg.vocab_size, seed * 100 + i)
+        nb = len(prompt) // bs + 1
+        table = list(range(next_block, next_block + nb))
+        next_block += nb
+        worker.runner.forward([ScheduledSeq(i, prompt[:-1], 0, table, False)])
+        seqs.append(ScheduledSeq(i, prompt[-1:], len(prompt) - 1, table, True))
+    return seqs
+
+
+# (quantization, fast kernels, batch, atol). ifq with fast kernels runs FBGEMM both ways from 5
+# rows, whose two-pass activation rounding (~14 bits, layers/quant/int8.py) turns 1e-7
+# differences in its input (attention summed in another order) into steps of up to ~1e-3 in
+# the logits; below 5 rows the compiled step is exact where eager FBGEMM rounds, so those
+# batch sizes are checked against the plain-torch ifq path (fast=False) instead.
+PADDED_CASES = [
+    *[("none", True, n, 1e-5) for n in (1, 3, 7, 16)],
+    *[("ifq", False, n, 1e-5) for n in (1, 3, 7, 16)],
+    ("ifq", True, 7, 2e-3),
+    ("ifq", True, 16, 2e-3),
+]
+
+
+@pytest.mark.parametrize("quantization,fast,n,atol", PADDED_CASES)
+@torch.inference_mode()
+def test_padded_batches_match_the_eager_step(llama_folder, quantization, fast, n, atol):
+    """Every batch size (padded up to a compiled one) gives each sequence the eager logits."""
+    worker = make_worker(
+        llama_folder, cpu_compile=True, quantization=quantization, fast_kernels=fast
+    )
+    seqs = _prefilled_batch(worker, n, seed=n)
+    hidden, _ = worker.runner.forward(seqs)
+    eager = worker.model.compute_logits(hidden)
+    compiled = _compiled(worker).run(seqs)
+    assert compiled.shape == eager.shape
+    torch.testing.assert_close(compiled, eager, atol=atol, rtol=0)
+
+
+@torch.inference_mode()
+def test_int8_compiled_matches_the_dequantize_oracle(llama_folder):
+    """ifq without fast kernels is the plain-torch oracle; compiled steps read the same int8
+    values as one fused reduction per row."""
+    oracle = make_worker(llama_folder, quantization="ifq", fast_kernels=False)
+    compiled = make_worker(llama_folder, quantization="ifq", fast_kernels=False, cpu_compile=True)
+    _compiled(compiled)
+    tokens = _tokens(30, oracle.cfg.vocab_size, seed=5)
+    torch.testing.assert_close(
+        our_logits(compiled, tokens, prompt_len=12),
+        our_logits(oracle, tokens, prompt_len=12),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_models_described_differently_never_share_a_graph(tmp_path):
+    """Module guards are dropped (shards/compile_cache.py): two models with the same shapes
+    but a different sliding window, loaded in one process, each get their own compiled steps."""
+    full = build_hf_model(tiny_config("mistral", sliding_window=None))
+    windowed = build_hf_model(tiny_config("mistral", sliding_window=6))
+    tokens = _tokens(30, full.config.vocab_size, seed=7)
+    for name, hf in (("full", full), ("windowed", windowed)):
+        worker = make_worker(save_checkpoint(hf, tmp_path / name), cpu_compile=True)
+        ours = our_logits(worker, tokens, prompt_len=10)
+        torch.testing.assert_close(ours, hf_logits(hf, tokens, prompt_len=10), atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_a_failed_compile_falls_back_to_eager(llama_folder):
+    worker = make_worker(llama_folder, cpu_compile=True)
+    compiled = _compiled(worker)
+    seqs = _prefilled_batch(worker, 2, seed=3)
+    hidden, _ = worker.runner.forward(seqs)
+    expected = worker.model.compute_logits(hidden).argmax(-1).tolist()
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    compiled.ready.clear()  # as if never compiled: the next step compiles, and fails
+    compiled.compiled_head = broken
+    greedy = SamplingParams(temperature=0.0)
+    new = [NewSeq(s.seq_id, greedy, []) for s in seqs]
+    result = worker.execute(StepPlan(1, seqs, new_seqs=new))
+    assert compiled.failed and "no C++ compiler" in compiled.failed
+    assert compiled.run(seqs) is None  # from now on every step runs eagerly
+    assert [o.token_ids for o in result.outputs] == [[t] for t in expected]
+
+
+def test_steps_that_are_not_plain_decodes_run_eagerly(llama_folder):
+    worker = make_worker(llama_folder, cpu_compile=True)
+    compiled = _compiled(worker)
+    decode = ScheduledSeq(1, [5], 3, [1], True)
+    assert compiled.fits([decode])
+    assert not compiled.fits([ScheduledSeq(1, [5, 6], 0, [1], True)])  # a prompt chunk
+    assert not compiled.fits([ScheduledSeq(1, [5], 3, [1], True, prompt_targets=[7])])
+    assert not compiled.fits([decode] * (BATCH_SIZES[-1] + 1))

@@ -61,7 +61,7 @@ def _measure(folder: str, lookahead: bool, args) -> dict:
     params = GenerationParams(max_tokens=args.max_tokens, sampling=SamplingParams(temperature=0.0))
     out = {}
     with LLM(folder, kv_cache_memory=2**29, max_model_len=4096, use_lookahead=lookahead,
-             num_speculative_tokens=args.depth) as llm:  # fmt: skip
+             num_speculative_tokens=args.depth, quantization=args.quantization) as llm:  # fmt: skip
         prompts = _prompts(llm)
         llm.generate(prompts["warmup"], params)
         for name in ("rag", "chat", "mixed"):
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--depth", type=int, default=8, help="NUM_SPECULATIVE_TOKENS")
+    p.add_argument("--quantization", default="none", help="QUANTIZATION for both runs")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     from launcher.embedded import ensure_embedded_model

@@ -16,6 +16,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from router.lookahead_costs import StepCosts
+from shards.wire import StepPlan, StepResult
+
 
 @dataclass
 class DraftTree:
@@ -142,6 +145,9 @@ class Drafter:
     step_budget: int = 32
     states: dict[int, SeqDraftState] = field(default_factory=dict)
     shared: SharedNgrams | None = None
+    costs: StepCosts = field(default_factory=StepCosts)
+    # False: every step drafts, whatever trees cost (tests of verification itself)
+    gate_on_cost: bool = True
 
     def __post_init__(self) -> None:
         if self.shared is None:
@@ -197,6 +203,22 @@ class Drafter:
         """flash-attn's kernels take causal masks only: there drafts are single chains, whose
         tree mask is the causal one."""
         return Drafter(max_depth=depth, max_branches=1 if attention_backend == "flash-attn" else 2)
+
+    def drafts_pay(self, num_decodes: int, with_prefill: bool) -> bool:
+        """Whether this step's decodes should carry trees (lookahead_costs.py). A step that
+        also runs prompt chunks runs eagerly anyway: there trees only add their rows."""
+        return not self.gate_on_cost or with_prefill or self.costs.worth_drafting(num_decodes)
+
+    def observe(self, plan: StepPlan, result: StepResult) -> None:
+        """A finished step: what it gave for its forward time, when it was decode-only."""
+        trees = False
+        for s in plan.seqs:
+            if s.draft_parents is not None:
+                trees = True
+            elif len(s.token_ids) > 1:
+                return  # a prompt chunk: not a decode-only step
+        tokens = sum(len(o.token_ids) for o in result.outputs)
+        self.costs.observe(len(plan.seqs), trees, tokens, result.forward_seconds)
 
     def record(self, seq_id: int, proposed: int, accepted: int) -> None:
         st = self.states.get(seq_id)

@@ -136,6 +136,15 @@ class Scheduler:
         )
         return self.drafter.propose(seq.seq_id, seq.token_ids, k)
 
+    def _draft_room(self, decoding: list[Sequence], with_prefill: bool) -> int:
+        """Draft tokens this step may carry over all its decodes: none where trees have not
+        been paying for themselves (router/lookahead_costs.py)."""
+        if self.drafter is None or not decoding:
+            return 0
+        if not self.drafter.drafts_pay(len(decoding), with_prefill):
+            return 0
+        return self.drafter.step_budget - len(decoding)
+
     def schedule(self) -> StepPlan | None:
         budget = self.config.max_num_batched_tokens
         chosen: dict[int, tuple[Sequence, int]] = {}
@@ -143,7 +152,7 @@ class Scheduler:
         preempted = False
         decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1]
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed > 1]
-        draft_room = self.drafter.step_budget - len(decoding) if self.drafter else 0
+        draft_room = self._draft_room(decoding, bool(prefilling))
         for seq in decoding + prefilling:
             if budget == 0:
                 break
@@ -270,6 +279,8 @@ class Scheduler:
     # -- results ----------------------------------------------------------------------------
 
     def update(self, plan: StepPlan, result: StepResult) -> list[SeqUpdate]:
+        if self.drafter is not None:
+            self.drafter.observe(plan, result)
         outputs = {o.seq_id: o for o in result.outputs}
         updates = []
         for s in plan.seqs:

@@ -99,13 +99,17 @@ class CompiledDecode:
         )
         return None if logits is None else logits[:n]
 
+    @torch.inference_mode()  # as steps run (shards/runner.py): grad mode is part of a graph
     def warm_up(self) -> None:
         """Compile every batch size now, on padding-only steps, so no request waits for it."""
         started = time.perf_counter()
         for i, b in enumerate(BATCH_SIZES):
             t = time.perf_counter()
-            zeros = torch.zeros(b, dtype=torch.long)
-            if self._step(b, zeros, zeros, zeros, torch.zeros(b, 2, dtype=torch.long)) is None:
+            # Distinct tensors, as in a real step: a graph traced with two inputs that are one
+            # tensor would be guarded on that and traced again for real steps.
+            ids, positions, slots = (torch.zeros(b, dtype=torch.long) for _ in range(3))
+            block_ids = torch.zeros(b, 2, dtype=torch.long)
+            if self._step(b, ids, positions, slots, block_ids) is None:
                 return
             log.info(
                 "compiled decode step %d/%d (%d sequences) in %.1fs",

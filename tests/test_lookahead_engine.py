@@ -35,6 +35,8 @@ def _prompts(rng: random.Random, n: int) -> list[list[int]]:
 def _run(folder, prompts, params, **kw):
     with LLM(str(folder), load_tokenizer=False, kv_cache_memory=2**24, block_size=4,
              max_model_len=512, **kw) as llm:  # fmt: skip
+        if llm.scheduler.drafter is not None:  # verify trees at every step, even where they
+            llm.scheduler.drafter.gate_on_cost = False  # would not pay on this tiny model
         done = llm.generate(prompts, params)
         return [c.token_ids for c in done], llm.scheduler
 
@@ -71,6 +73,7 @@ def test_logprobs_with_lookahead_match_plain(tiny_folder):
         plain = llm.generate(prompts, params)
     with LLM(str(tiny_folder), load_tokenizer=False, kv_cache_memory=2**24, block_size=4,
              use_lookahead=True) as llm:  # fmt: skip
+        llm.scheduler.drafter.gate_on_cost = False
         ahead = llm.generate(prompts, params)
         assert llm.scheduler.num_draft_accepted > 0
     for p, a in zip(plain, ahead):

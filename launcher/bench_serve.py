@@ -1,7 +1,9 @@
-"""`shardserve bench-serve`: our server against `transformers serve --continuous-batching` on the
-same model, one after the other in one run, with the same load from `shardserve bench`.
+"""`shardserve bench-serve`: our server (once per quantization mode asked for) against
+`transformers serve --continuous-batching` on the same model and, given its binary, llama.cpp's
+`llama-server` on the embedded GGUF, one after the other in one run, with the same load from
+`shardserve bench`.
 
-Needs `pip install 'transformers[serving]'` for the baseline (`make bench-serve` does it).
+Needs `pip install 'transformers[serving]'` for that baseline (`make bench-serve` does it).
 """
 
 from __future__ import annotations
@@ -100,6 +102,49 @@ def _run_all(url: str, loads) -> dict:
     return results
 
 
+def _ours_cmd(model: str, port: int, quantization: str) -> list[str]:
+    return [
+        sys.executable, "-m", "launcher", "serve", "--model-path", model,
+        "--quantization", quantization, "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+
+
+def _transformers_exe() -> str:
+    # Next to this interpreter first: a venv's scripts are not always on PATH.
+    beside = os.path.join(os.path.dirname(sys.executable), "transformers")
+    exe = beside if os.access(beside, os.X_OK) else shutil.which("transformers")
+    if exe is None:
+        raise SystemExit("transformers CLI not found: pip install 'transformers[serving]'")
+    return exe
+
+
+def _transformers_cmd(exe: str, model: str, port: int) -> list[str]:
+    return [
+        exe, "serve", "--continuous-batching", "--dtype", "float32",
+        "--host", "127.0.0.1", "--port", str(port), model,
+    ]  # fmt: skip
+
+
+def _llama_cpp_cmd(server: str, gguf: str, port: int, slots: int, threads: int) -> list[str]:
+    # One slot per concurrent request; the context is shared by the slots.
+    return [
+        server, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
+        "-np", str(slots), "-c", str(slots * 2048), "-t", str(threads), "--no-webui",
+    ]  # fmt: skip
+
+
+def _serve_and_load(name: str, cmd: list[str], port: int, loads, report: dict) -> None:
+    url = f"http://127.0.0.1:{port}"
+    log.info("starting %s", name)
+    proc = _start(cmd, url, "/health")
+    try:
+        report["servers"][name] = _run_all(url, loads)
+        if name.startswith("ours"):
+            report["steps"][name] = httpx.get(url + "/stats", timeout=10).json()["steps"]
+    finally:
+        _stop(proc)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shardserve bench-serve", description=__doc__)
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
@@ -108,86 +153,71 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--long-prompt-tokens", type=int, default=1200)
     p.add_argument("--min-requests", type=int, default=8)
+    p.add_argument(
+        "--quantization", nargs="+", default=["none"], help="our server once per QUANTIZATION"
+    )
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument(
+        "--llama-server",
+        default=None,
+        help="also measure llama.cpp's llama-server binary (built by you) on --gguf",
+    )
+    p.add_argument("--gguf", default=None, help="GGUF for llama-server (default: the embedded one)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from launcher.embedded import ensure_embedded_model
+    from launcher.embedded import ensure_embedded_model, gguf_path
 
     model = args.model or str(ensure_embedded_model())
-    report: dict = {"model": model, "cpus": len(os.sched_getaffinity(0))}
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    ours = _start(
-        [
-            sys.executable,
-            "-m",
-            "launcher",
-            "serve",
-            "--model-path",
-            model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        url,
-        "/health",
-    )
-    try:
-        report["ours"] = _run_all(url, _loads(args))
-        report["ours_steps"] = httpx.get(url + "/stats", timeout=10).json()["steps"]
-    finally:
-        _stop(ours)
-    if not args.skip_transformers:
-        exe = shutil.which("transformers")
-        if exe is None:
-            raise SystemExit("transformers CLI not found: pip install 'transformers[serving]'")
+    report: dict = {"model": model, "cpus": len(os.sched_getaffinity(0)), "servers": {}}
+    report["steps"] = {}
+    loads = _loads(args)
+    exe = None if args.skip_transformers else _transformers_exe()  # before any long run
+    for mode in args.quantization:
         port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        theirs = _start(
-            [
-                exe,
-                "serve",
-                "--continuous-batching",
-                "--dtype",
-                "float32",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                model,
-            ],
-            url,
-            "/health",
-        )
-        try:
-            report["transformers"] = _run_all(url, _loads(args))
-        finally:
-            _stop(theirs)
+        _serve_and_load(f"ours {mode}", _ours_cmd(model, port, mode), port, loads, report)
+    if not args.skip_transformers:
+        port = _free_port()
+        _serve_and_load("transformers", _transformers_cmd(exe, model, port), port, loads, report)
+    if args.llama_server:
+        port = _free_port()
+        gguf = args.gguf or str(gguf_path())
+        cmd = _llama_cpp_cmd(args.llama_server, gguf, port, max(args.concurrency), report["cpus"])
+        _serve_and_load("llama.cpp", cmd, port, loads, report)
     write_report(_table(report), report, args.json)
-    failed = sum(r["requests"]["failed"] for r in report["ours"].values())
+    failed = sum(
+        r["requests"]["failed"]
+        for name, results in report["servers"].items()
+        if name.startswith("ours")
+        for r in results.values()
+    )
     return 1 if failed else 0
 
 
 def _table(r: dict) -> str:
-    lines = [
-        f"{'load':28s} {'ours tok/s':>11s} {'hf tok/s':>9s} {'ratio':>6s} "
-        f"{'ours TTFT p50':>14s} {'hf TTFT p50':>12s} {'failed':>7s}"
-    ]
-    for name, ours in r["ours"].items():
-        theirs = (r.get("transformers") or {}).get(name)
-        a = ours["output_tokens_per_s"]
-        b = (theirs["output_tokens_per_s"] if theirs else None) or float("nan")
-        ta = ours["ttft_ms"]["p50"] or float("nan")
-        tb = (theirs["ttft_ms"]["p50"] if theirs else None) or float("nan")
-        failed = ours["requests"]["failed"]
-        ratio = a / b if b else float("nan")
+    servers = r["servers"]
+    names = list(servers)
+    baselines = [n for n in names if not n.startswith("ours")]
+    head = f"{'load':28s}" + "".join(f" {n + ' tok/s':>18s}" for n in names)
+    lines = [head + "".join(f" {'ours x ' + b:>16s}" for b in baselines)]
+    for load in servers[names[0]]:
+        rate = {n: servers[n][load]["output_tokens_per_s"] or float("nan") for n in names}
+        row = f"{load:28s}" + "".join(f" {rate[n]:18.1f}" for n in names)
+        for b in baselines:  # our best configuration against each baseline
+            best = max(rate[n] for n in names if n.startswith("ours"))
+            row += f" {best / rate[b]:15.2f}x"
+        lines.append(row)
+    lines.append("TTFT p50 (ms) / ITL p50 (ms) / failed:")
+    for load in servers[names[0]]:
+        cells = []
+        for n in names:
+            res = servers[n][load]
+            ttft = res["ttft_ms"]["p50"] or float("nan")
+            itl = res["itl_ms"]["p50"] or float("nan")
+            cells.append(f"{n} {ttft:.0f}/{itl:.0f}/{res['requests']['failed']}")
+        lines.append(f"  {load:26s} " + "; ".join(cells))
+    for n, s in r["steps"].items():
         lines.append(
-            f"{name:28s} {a:11.1f} {b:9.1f} {ratio:5.2f}x {ta:12.0f}ms {tb:10.0f}ms {failed:7d}"
+            f"{n} per step: forward {s['forward_ms']:.1f} ms, router "
+            f"{100 * s['router_share']:.1f}% of step time"
         )
-    s = r["ours_steps"]
-    lines.append(
-        f"ours per step: forward {s['forward_ms']:.1f} ms, router "
-        f"{100 * s['router_share']:.1f}% of step time"
-    )
     return "\n".join(lines)

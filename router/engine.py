@@ -167,7 +167,10 @@ class AsyncEngine:
                     prompt_lp, prompt_top = seq.prompt_logprobs, seq.prompt_top_logprobs
             text = ""
             if stream.detok is not None:
-                text = stream.detok.add_tokens(u.new_token_ids)
+                shown = u.new_token_ids
+                if seq.stopped_on_token:  # the stop token ends the text, it is not part of it
+                    shown = shown[:-1]
+                text = stream.detok.add_tokens(shown)
                 if stream.detok.stopped_on is not None and not seq.is_finished:
                     # Several tokens can arrive at once (lookahead): those after the stop
                     # string never happened, as in plain decoding.

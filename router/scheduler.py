@@ -311,6 +311,7 @@ class Scheduler:
             accepted.append(token)
             reason = self._stop_reason(seq, token)
             if reason:
+                seq.stopped_on_token = reason == "stop"
                 self.running.remove(seq)
                 self._finish(seq, reason)
                 break

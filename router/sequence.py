@@ -27,6 +27,7 @@ class Sequence:
     num_committed_blocks: int = 0  # leading blocks registered in the prefix cache
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stopped_on_token: bool = False  # finished by an EOS or stop token id (kept out of the text)
     announced: bool = False  # the shard has its sampling state
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0

@@ -37,6 +37,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     checkpoint_dtype: str | None
+    rope_interleaved: bool = False  # rotary pairs are neighbouring dims (GLM), not halves
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -136,11 +137,51 @@ def _baichuan(raw: dict, source: str) -> dict:
     return out
 
 
+def _chatglm(raw: dict, source: str) -> dict:
+    """ChatGLM2 / ChatGLM3's config.json in the names the rest of this module reads. Rotary
+    covers half of each head's dims, as neighbouring pairs, with base 10,000 x `rope_ratio`
+    (ChatGLM3-32K); Q, K and V carry biases, the output projection does not. Variants of the
+    block that no released ChatGLM2/3 checkpoint uses are refused by name."""
+    for key, wanted in (
+        ("rmsnorm", True),
+        ("apply_residual_connection_post_layernorm", False),
+        ("post_layer_norm", True),
+        ("add_qkv_bias", True),
+        ("add_bias_linear", False),
+        ("original_rope", True),
+    ):
+        if bool(raw.get(key, wanted)) != wanted:
+            raise ModelConfigError(f"{source}: ChatGLM with {key}={raw[key]!r} is not supported")
+    out = dict(raw)
+    heads = _number(raw, "num_attention_heads", int, source)
+    hidden = _number(raw, "hidden_size", int, source)
+    out["num_hidden_layers"] = _number(raw, "num_layers", int, source)
+    out["vocab_size"] = _number(raw, "padded_vocab_size", int, source)
+    out["intermediate_size"] = _number(raw, "ffn_hidden_size", int, source)
+    out["head_dim"] = _number(raw, "kv_channels", int, source, hidden // heads)
+    if raw.get("multi_query_attention"):
+        out["num_key_value_heads"] = _number(raw, "multi_query_group_num", int, source)
+    else:
+        out["num_key_value_heads"] = heads
+    out["rms_norm_eps"] = _number(raw, "layernorm_epsilon", float, source, 1e-5)
+    out["max_position_embeddings"] = _number(raw, "seq_length", int, source, 2048)
+    out["rope_theta"] = 10000.0 * _number(raw, "rope_ratio", float, source, 1.0)
+    out["partial_rotary_factor"] = 0.5
+    out["rope_interleaved"] = True
+    out["tie_word_embeddings"] = False
+    out["attention_bias"] = False  # the output projection's; Q, K and V always have one
+    for key in ("rope_parameters", "rope_scaling"):
+        out.pop(key, None)
+    return out
+
+
 def _from_dict(raw: dict, generation: dict | None, source: str) -> ModelConfig:
     if raw.get("model_type") == "qwen":
         raw = _qwen_v1(raw, source)
     elif raw.get("model_type") == "baichuan":
         raw = _baichuan(raw, source)
+    elif raw.get("model_type") == "chatglm":
+        raw = _chatglm(raw, source)
 
     def need(name: str):
         return _number(raw, name, int, source)
@@ -178,6 +219,7 @@ def _from_dict(raw: dict, generation: dict | None, source: str) -> ModelConfig:
         eos_token_ids=tuple(dict.fromkeys(eos)),
         bos_token_id=raw.get("bos_token_id"),
         checkpoint_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+        rope_interleaved=bool(raw.get("rope_interleaved", False)),
         extra=raw,
     )
 

@@ -4,36 +4,16 @@ with the same weights (Baichuan2's with the head rows normalized, as NormHead co
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from shards.model_config import ModelConfigError, model_config_from_dict
 from shards.models.baichuan import BAICHUAN2_VOCAB
+from tests.family_checkpoints import as_baichuan
 from tests.tiny import build_hf_model, hf_logits, make_worker, our_logits, tiny_config
 from tests.tp_helpers import tp_logits
-
-
-def _as_baichuan(hf, folder, raw_head: torch.Tensor):
-    c = hf.config
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["BaiChuanForCausalLM"], "model_type": "baichuan",
-        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_attention_heads": c.num_attention_heads, "num_hidden_layers": c.num_hidden_layers,
-        "rms_norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size, "model_max_length": 256,
-        "tie_word_embeddings": False, "hidden_act": "silu",
-    }))  # fmt: skip
-    sd = {k: v for k, v in hf.state_dict().items() if "rotary" not in k}
-    for i in range(c.num_hidden_layers):
-        att = f"model.layers.{i}.self_attn."
-        sd[att + "W_pack.weight"] = torch.cat([sd.pop(f"{att}{s}_proj.weight") for s in "qkv"])
-    sd["lm_head.weight"] = raw_head
-    save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(folder / "model.safetensors"))
-    return folder
 
 
 def _pair(tmp_path_factory, vocab: int):
@@ -44,7 +24,7 @@ def _pair(tmp_path_factory, vocab: int):
         hf.lm_head.weight.copy_(
             torch.nn.functional.normalize(raw) if vocab == BAICHUAN2_VOCAB else raw
         )
-    return hf, _as_baichuan(hf, tmp_path_factory.mktemp("baichuan") / "model", raw)
+    return hf, as_baichuan(hf, tmp_path_factory.mktemp("baichuan") / "model", raw)
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,14 @@ def tiny_config(family: str = "llama", **overrides):
         bos_token_id=1,
         eos_token_id=2,
     )
+    if family == "glm":
+        base["pad_token_id"] = 0  # its default (151,329) lies outside a tiny vocabulary
     base.update(overrides)
     cls = {
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
+        "glm": transformers.GlmConfig,
     }[family]
     return cls(**base)
 
@@ -48,6 +51,7 @@ def build_hf_model(config, seed: int = 0):
         "LlamaConfig": transformers.LlamaForCausalLM,
         "MistralConfig": transformers.MistralForCausalLM,
         "Qwen2Config": transformers.Qwen2ForCausalLM,
+        "GlmConfig": transformers.GlmForCausalLM,
     }[type(config).__name__](config)
     with torch.no_grad():
         # Norm weights and biases start at 1 and 0: randomize them so a wrong load shows.

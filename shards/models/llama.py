@@ -116,6 +116,7 @@ class LlamaModel(nn.Module):
             cfg.rope_theta,
             cfg.rope_scaling,
             cfg.max_position_embeddings,
+            interleaved=cfg.rope_interleaved,
             device=bc.device,
         )
 

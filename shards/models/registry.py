@@ -11,6 +11,8 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "QWenLMHeadModel": ("shards.models.qwen", "QWenLMHeadModel"),
     "BaiChuanForCausalLM": ("shards.models.baichuan", "BaichuanForCausalLM"),
     "BaichuanForCausalLM": ("shards.models.baichuan", "BaichuanForCausalLM"),
+    "ChatGLMModel": ("shards.models.chatglm", "ChatGLMForConditionalGeneration"),
+    "ChatGLMForConditionalGeneration": ("shards.models.chatglm", "ChatGLMForConditionalGeneration"),
 }
 
 

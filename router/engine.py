@@ -134,7 +134,7 @@ class AsyncEngine:
                 t0 = time.perf_counter()
                 result = await self.shard.execute(plan)
                 t1 = time.perf_counter()
-                updates = self.scheduler.update(plan, result)
+                updates = self.scheduler.update(plan, result, t1 - started)
                 self._publish(updates)
                 if plan.seqs:
                     tm = self.times

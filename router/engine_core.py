@@ -73,7 +73,7 @@ class EngineCore:
         t1 = time.perf_counter()
         result = self.shard.execute(plan)
         t2 = time.perf_counter()
-        updates = self.scheduler.update(plan, result)
+        updates = self.scheduler.update(plan, result, t2 - t0)
         t3 = time.perf_counter()
         if plan.seqs:
             tm = self.times

@@ -207,18 +207,20 @@ class Drafter:
     def drafts_pay(self, num_decodes: int, with_prefill: bool) -> bool:
         """Whether this step's decodes should carry trees (lookahead_costs.py). A step that
         also runs prompt chunks runs eagerly anyway: there trees only add their rows."""
-        return not self.gate_on_cost or with_prefill or self.costs.worth_drafting(num_decodes)
+        if not self.gate_on_cost or with_prefill:
+            return True
+        return self.costs.worth_drafting(num_decodes)
 
-    def observe(self, plan: StepPlan, result: StepResult) -> None:
-        """A finished step: what it gave for its forward time, when it was decode-only."""
+    def observe(self, plan: StepPlan, result: StepResult, seconds: float) -> None:
+        """A finished step and the seconds it took, if it was decode-only."""
         trees = False
         for s in plan.seqs:
             if s.draft_parents is not None:
                 trees = True
             elif len(s.token_ids) > 1:
                 return  # a prompt chunk: not a decode-only step
-        tokens = sum(len(o.token_ids) for o in result.outputs)
-        self.costs.observe(len(plan.seqs), trees, tokens, result.forward_seconds)
+        accepted = sum(len(o.accepted or ()) for o in result.outputs) if trees else None
+        self.costs.observe(len(plan.seqs), accepted, seconds)
 
     def record(self, seq_id: int, proposed: int, accepted: int) -> None:
         st = self.states.get(seq_id)

@@ -278,9 +278,13 @@ class Scheduler:
 
     # -- results ----------------------------------------------------------------------------
 
-    def update(self, plan: StepPlan, result: StepResult) -> list[SeqUpdate]:
+    def update(
+        self, plan: StepPlan, result: StepResult, step_seconds: float | None = None
+    ) -> list[SeqUpdate]:
+        """step_seconds: what the step took from planning to its result (drafting and
+        transport included), for lookahead's costs; the shard's forward time if not given."""
         if self.drafter is not None:
-            self.drafter.observe(plan, result)
+            self.drafter.observe(plan, result, step_seconds or result.forward_seconds)
         outputs = {o.seq_id: o for o in result.outputs}
         updates = []
         for s in plan.seqs:

@@ -11,6 +11,11 @@ from safetensors.torch import save_file
 ROPE_RATIO = 2.0  # ChatGLM3-32K's longer-context base: 10,000 x rope_ratio
 
 
+def _save(tensors: dict, folder) -> None:
+    state = {k: v.contiguous().clone() for k, v in tensors.items()}
+    save_file(state, str(folder / "model.safetensors"))
+
+
 def as_qwen_v1(hf, folder):
     """Write `hf` (a transformers Qwen2 model without GQA) as an official Qwen v1 checkpoint."""
     c = hf.config
@@ -42,9 +47,7 @@ def as_qwen_v1(hf, folder):
         out[dst + "mlp.w2.weight"] = sd[src + "mlp.gate_proj.weight"]  # w2 is the gate
         out[dst + "mlp.w1.weight"] = sd[src + "mlp.up_proj.weight"]
         out[dst + "mlp.c_proj.weight"] = sd[src + "mlp.down_proj.weight"]
-    save_file(
-        {k: v.contiguous().clone() for k, v in out.items()}, str(folder / "model.safetensors")
-    )
+    _save(out, folder)
     return folder
 
 
@@ -63,7 +66,7 @@ def as_baichuan(hf, folder, raw_head: torch.Tensor):
         att = f"model.layers.{i}.self_attn."
         sd[att + "W_pack.weight"] = torch.cat([sd.pop(f"{att}{s}_proj.weight") for s in "qkv"])
     sd["lm_head.weight"] = raw_head
-    save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(folder / "model.safetensors"))
+    _save(sd, folder)
     return folder
 
 
@@ -108,7 +111,5 @@ def as_chatglm(hf, folder, **config_overrides):
         out[dst + "self_attention.dense.weight"] = sd[att + "o_proj.weight"]
         out[dst + "mlp.dense_h_to_4h.weight"] = sd[src + "mlp.gate_up_proj.weight"]
         out[dst + "mlp.dense_4h_to_h.weight"] = sd[src + "mlp.down_proj.weight"]
-    save_file(
-        {k: v.contiguous().clone() for k, v in out.items()}, str(folder / "model.safetensors")
-    )
+    _save(out, folder)
     return folder

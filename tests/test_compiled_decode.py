@@ -10,28 +10,22 @@ import torch
 from shards.compiled_decode import BATCH_SIZES
 from shards.wire import NewSeq, SamplingParams, ScheduledSeq, StepPlan
 from tests.tiny import (
+    TINY_CONFIGS,
     build_hf_model,
     hf_logits,
     make_worker,
     our_logits,
+    random_tokens,
     save_checkpoint,
     tiny_config,
 )
 
 ATOL = 1e-4  # float32, max abs, as for the eager path against transformers
 
-CONFIGS = {
-    "llama-gqa": lambda: tiny_config("llama"),
-    "llama-tied": lambda: tiny_config("llama", tie_word_embeddings=True),
-    "llama-partial-rotary": lambda: tiny_config("llama", partial_rotary_factor=0.5),
-    "mistral-window": lambda: tiny_config("mistral", sliding_window=8),
-    "qwen2": lambda: tiny_config("qwen2"),
-}
-
-
-def _tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, vocab) for _ in range(n)]
+# the eager tests' configurations, less those whose only difference is the rotary table
+CONFIGS = {k: TINY_CONFIGS[k] for k in ("llama-gqa", "llama-tied", "llama-partial-rotary",
+                                         "mistral-window", "qwen2")}  # fmt: skip
+_tokens = random_tokens
 
 
 @pytest.fixture(scope="module")

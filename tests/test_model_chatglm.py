@@ -6,14 +6,20 @@ weights (transformers' port of the GLM block) gives transformers' logits, and TP
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
 from shards.model_config import ModelConfigError, load_model_config
 from tests.family_checkpoints import ROPE_RATIO, as_chatglm, chatglm_config
-from tests.tiny import build_hf_model, hf_logits, make_worker, our_logits, tiny_config
+from tests.tiny import (
+    build_hf_model,
+    hf_logits,
+    make_worker,
+    our_logits,
+    random_tokens,
+    tiny_config,
+)
 from tests.tp_helpers import tp_logits
 
 
@@ -39,8 +45,7 @@ def glm(tmp_path_factory):
 
 
 def _tokens(n: int) -> list[int]:
-    rng = random.Random(11)
-    return [rng.randrange(3, 160) for _ in range(n)]
+    return random_tokens(n, seed=11)
 
 
 def test_config_fields_map(glm):

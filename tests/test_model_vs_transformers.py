@@ -2,50 +2,23 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from tests.tiny import (
+    TINY_CONFIGS,
     build_hf_model,
     hf_logits,
     make_worker,
     our_logits,
+    random_tokens,
     save_checkpoint,
     tiny_config,
 )
 
 ATOL = 1e-4  # float32, max abs difference
-
-CONFIGS = {
-    "llama-gqa": lambda: tiny_config("llama"),
-    "llama-tied": lambda: tiny_config("llama", tie_word_embeddings=True),
-    "llama-mha-bias": lambda: tiny_config(
-        "llama", num_key_value_heads=4, attention_bias=True, mlp_bias=True
-    ),
-    "llama3-rope": lambda: tiny_config(
-        "llama",
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        },
-    ),
-    "llama-linear-rope": lambda: tiny_config(
-        "llama", rope_scaling={"rope_type": "linear", "factor": 2.0}
-    ),
-    "llama-partial-rotary": lambda: tiny_config("llama", partial_rotary_factor=0.5),
-    "mistral-window": lambda: tiny_config("mistral", sliding_window=8),
-    "qwen2": lambda: tiny_config("qwen2"),
-}
-
-
-def _tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, vocab) for _ in range(n)]
+CONFIGS = TINY_CONFIGS
+_tokens = random_tokens
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -4,6 +4,7 @@ both transformers and our runner for the same token sequence."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -12,6 +13,39 @@ from safetensors.torch import save_file
 from shards.wire import ScheduledSeq, ShardSpec, StepPlan
 
 KIB = 1024
+
+
+def random_tokens(n: int, vocab: int = 160, seed: int = 0) -> list[int]:
+    """n token ids past the special ones (0-2), reproducibly."""
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+# The tiny configurations models are checked on against transformers (eager and compiled).
+def _tiny_configs():
+    return {
+        "llama-gqa": lambda: tiny_config("llama"),
+        "llama-tied": lambda: tiny_config("llama", tie_word_embeddings=True),
+        "llama-mha-bias": lambda: tiny_config(
+            "llama", num_key_value_heads=4, attention_bias=True, mlp_bias=True
+        ),
+        "llama3-rope": lambda: tiny_config(
+            "llama",
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+        "llama-linear-rope": lambda: tiny_config(
+            "llama", rope_scaling={"rope_type": "linear", "factor": 2.0}
+        ),
+        "llama-partial-rotary": lambda: tiny_config("llama", partial_rotary_factor=0.5),
+        "mistral-window": lambda: tiny_config("mistral", sliding_window=8),
+        "qwen2": lambda: tiny_config("qwen2"),
+    }
 
 
 def tiny_config(family: str = "llama", **overrides):
@@ -151,3 +185,6 @@ def hf_logits(model, tokens: list[int], prompt_len: int) -> torch.Tensor:
         out = model(ids[:, t : t + 1], use_cache=True, **{key: out[key]})
         rows.append(out.logits[0].float())
     return torch.cat(rows)
+
+
+TINY_CONFIGS = _tiny_configs()

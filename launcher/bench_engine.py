@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import statistics
 import time
 
 from launcher.cli import write_report
@@ -60,44 +61,60 @@ VARIANTS = {
 }
 
 
-def _ours(args, variant: str, prompts, long_prompt) -> dict:
+def _ours(args, variants: list[str], prompts, long_prompt) -> dict[str, dict]:
+    """Every variant loaded at once and measured in turns, `args.rounds` times each (medians):
+    the shared machine's speed drifts over minutes, so alternating keeps the ratios fair."""
     from launcher.llm import LLM
     from router.params import GenerationParams
     from shards.wire import SamplingParams
 
-    quantization, compiled = VARIANTS[variant]
-    llm = LLM(
-        args.model,
-        num_threads=args.threads,
-        max_model_len=4096,
-        kv_cache_memory=512 * 2**20,
-        quantization=quantization,
-        cpu_compile=compiled,
-    )
     greedy = SamplingParams(temperature=0.0)
     params = GenerationParams(max_tokens=args.max_tokens, sampling=greedy, ignore_eos=True)
-    llm.generate([prompts[0]], GenerationParams(max_tokens=4, sampling=greedy))  # warm-up
-    out: dict = {}
-    llm.engine.times = type(llm.engine.times)()
-    t = time.perf_counter()
-    llm.generate([prompts[0]], params)
-    out["single_tok_s"] = args.max_tokens / (time.perf_counter() - t)
-    out["single_steps"] = llm.engine.times.summary()
-    log.info("%s single stream: %.1f tok/s", variant, out["single_tok_s"])
-    llm.engine.times = type(llm.engine.times)()
-    t = time.perf_counter()
-    llm.generate(prompts, params)
-    out["batch_tok_s"] = len(prompts) * args.max_tokens / (time.perf_counter() - t)
-    out["batch_steps"] = llm.engine.times.summary()
-    log.info("%s %d prompts: %.1f tok/s", variant, len(prompts), out["batch_tok_s"])
     cold = GenerationParams(max_tokens=1, sampling=greedy)
-    llm.scheduler.allocator.enable_prefix_caching = False  # measure the prefill itself
-    t = time.perf_counter()
-    llm.generate([long_prompt], cold)
-    out["prefill_tok_s"] = len(long_prompt) / (time.perf_counter() - t)
-    log.info("%s prefill of %d tokens: %.1f tok/s", variant, len(long_prompt), out["prefill_tok_s"])
-    out["model_path"] = llm.model_path
-    llm.close()
+    llms = {}
+    for v in variants:
+        quantization, compiled = VARIANTS[v]
+        llms[v] = LLM(
+            args.model,
+            num_threads=args.threads,
+            max_model_len=4096,
+            kv_cache_memory=512 * 2**20,
+            quantization=quantization,
+            cpu_compile=compiled,
+        )
+        llms[v].generate([prompts[0]], GenerationParams(max_tokens=4, sampling=greedy))
+        llms[v].scheduler.allocator.enable_prefix_caching = False  # measure prefill itself
+    runs = {v: {"single": [], "batch": [], "prefill": []} for v in variants}
+    steps = {v: {} for v in variants}
+
+    def timed(llm, batch, p) -> float:
+        llm.engine.times = type(llm.engine.times)()
+        t = time.perf_counter()
+        llm.generate(batch, p)
+        return time.perf_counter() - t
+
+    for r in range(args.rounds):
+        for v, llm in llms.items():
+            runs[v]["single"].append(args.max_tokens / timed(llm, [prompts[0]], params))
+            steps[v]["single_steps"] = llm.engine.times.summary()
+            runs[v]["batch"].append(len(prompts) * args.max_tokens / timed(llm, prompts, params))
+            steps[v]["batch_steps"] = llm.engine.times.summary()
+            runs[v]["prefill"].append(len(long_prompt) / timed(llm, [long_prompt], cold))
+            log.info(
+                "round %d/%d, %s: single %.1f, %d prompts %.1f, prefill %.1f tok/s",
+                r + 1,
+                args.rounds,
+                v,
+                runs[v]["single"][-1],
+                len(prompts),
+                runs[v]["batch"][-1],
+                runs[v]["prefill"][-1],
+            )
+    out = {}
+    for v, llm in llms.items():
+        out[v] = {f"{k}_tok_s": statistics.median(xs) for k, xs in runs[v].items()}
+        out[v].update(steps[v], model_path=llm.model_path)
+        llm.close()
     return out
 
 
@@ -147,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-tokens", type=int, default=1200)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--rounds", type=int, default=3, help="turns per variant (medians reported)")
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
@@ -167,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         p.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
-    ours = {v: _ours(args, v, prompts, long_prompt) for v in variants}
+    ours = _ours(args, variants, prompts, long_prompt)
     ref = None if args.skip_transformers else _transformers(args, model_path, prompts, long_prompt)
     report = {
         "machine": f"{platform.machine()}, {_cpus()} CPUs",
@@ -200,6 +218,11 @@ def _table(r: dict) -> str:
         theirs = ref[key] if ref else float("nan")
         cells = "".join(f" {o[key]:11.1f} ({o[key] / theirs:5.2f}x)" for o in ours.values())
         lines.append(f"{name:24s}{cells} {theirs:13.1f}")
+    if "eager" in ours:  # the baseline of issue 6's single-stream target for ifq
+        for name, key in rows:
+            base = ours["eager"][key]
+            cells = "".join(f" {o[key] / base:19.2f}x" for o in ours.values())
+            lines.append(f"{name + ' x eager':24s}{cells}")
     for variant, o in ours.items():
         for label, key in (("single", "single_steps"), ("batch", "batch_steps")):
             s = o[key]

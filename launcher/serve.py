@@ -39,10 +39,10 @@ def resolve_quantization(mode: str, model_path: str, device: str) -> str:
     if os.path.exists(os.path.join(model_path, SMOOTHQUANT_FILE)):
         log.info("QUANTIZATION=auto: smoothquant (%s is in the model folder)", SMOOTHQUANT_FILE)
         return "smoothquant"
-    from layers.quant.int8 import fbgemm_available
+    from layers.quant.int8 import int8_matmul_available
 
-    if device == "cpu" and not fbgemm_available():
-        log.info("QUANTIZATION=auto: none (this CPU build has no FBGEMM int8 kernels)")
+    if device == "cpu" and not int8_matmul_available():
+        log.info("QUANTIZATION=auto: none (this CPU build has no oneDNN int8 kernels)")
         return "none"
     log.info("QUANTIZATION=auto: ifq (no %s in the model folder)", SMOOTHQUANT_FILE)
     return "ifq"

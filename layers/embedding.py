@@ -38,6 +38,8 @@ class VocabParallelEmbedding(nn.Module):
         weight = torch.empty(self.local_vocab_size, hidden_size, dtype=dtype, device=device)
         weight[self.vocab_end - self.vocab_start :].zero_()
         self.weight = nn.Parameter(weight, requires_grad=False)
+        # (int8 rows, one scale each) when a quantized tied head holds the rows instead
+        self.int8_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def slots(self) -> dict[str, int]:
         return {"": self.vocab_size}
@@ -50,12 +52,18 @@ class VocabParallelEmbedding(nn.Module):
             return WHOLE
         return SliceSpec(0, self.vocab_start, 0, self.vocab_end - self.vocab_start)
 
+    def _rows(self, local_ids: torch.Tensor) -> torch.Tensor:
+        if self.int8_rows is None:
+            return F.embedding(local_ids, self.weight)
+        q, scale = self.int8_rows
+        return q[local_ids].to(self.weight.dtype) * scale[local_ids, None].to(self.weight.dtype)
+
     def forward_local(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.pctx.world_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._rows(input_ids)
         mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         local_ids = torch.where(mine, input_ids - self.vocab_start, 0)
-        return F.embedding(local_ids, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        return self._rows(local_ids) * mine.unsqueeze(-1).to(self.weight.dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.pctx.all_reduce(self.forward_local(input_ids))
@@ -92,11 +100,15 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.normalize_rows = False  # Baichuan2's NormHead: unit-length rows
 
     tied = False
+    # The embedding a tied head shares its rows with, in a tuple so that it is not registered
+    # as a second parent's submodule.
+    _tied_to: tuple[VocabParallelEmbedding, ...] = ()
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         assert embedding.weight.shape == self.weight.shape
         self.weight = embedding.weight
         self.tied = True
+        self._tied_to = (embedding,)
 
     def finalize_weights(self) -> None:
         w = self.weight
@@ -106,8 +118,15 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.quant is not None:
             self.quantized = _HeadMatmul(w.data, self.pctx, self.quant)
             self.quant.finalize(self.quantized)
-            if not self.tied:  # a tied weight still serves the embedding's lookups
-                self.weight.data = torch.empty(0, w.shape[1], dtype=w.dtype, device=w.device)
+            q = getattr(self.quantized, "qweight", None)
+            if self.tied and q is not None and q.dtype == torch.int8:
+                # int8 rows with one scale each serve lookups as well (llama.cpp quantizes its
+                # token embeddings too): the float table, 21 % of the default model, goes
+                (embedding,) = self._tied_to
+                embedding.int8_rows = (q, self.quantized.weight_scale)
+            elif self.tied:  # a tied float weight still serves the embedding's lookups
+                return
+            self.weight.data = torch.empty(0, w.shape[1], dtype=w.dtype, device=w.device)
             return
         if self.fast and w.device.type == "cpu" and w.dtype == torch.float32 and onednn_available():
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.data, ONEDNN_BATCH_HINT)

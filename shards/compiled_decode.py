@@ -32,7 +32,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16)
 
 # Quantization modes whose decode matmuls compile (the others' kernels are opaque to inductor
 # or rebuild float weights every step; they run eagerly).
-COMPILED_MODES = ("none", "ifq")
+COMPILED_MODES = ("none", "ifq", "smoothquant")
 
 
 def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

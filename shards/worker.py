@@ -51,20 +51,23 @@ def resolve_dtype(
 
 
 def model_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights as served: quantized layers count their quantized form, a tied weight
-    counts once, packed copies replace what they pack."""
+    """Bytes of weights as served: quantized layers count their quantized form (whatever
+    parameters hold it) plus their bias, a tied weight counts once, packed copies replace what
+    they pack."""
     seen: set[int] = set()
     total = 0
     for m in model.modules():
         quant = getattr(m, "quant", None)
-        if quant is not None and getattr(m, "weight", None) is None:  # quantized and freed
+        quantized = quant is not None and getattr(m, "weight", None) is None  # and float freed
+        if quantized:
             total += quant.weight_bytes(m)
         packed = getattr(m, "packed_weight", None)
         for name, p in m.named_parameters(recurse=False):
             if id(p) in seen or (name == "weight" and packed is not None):
                 continue
             seen.add(id(p))
-            total += p.numel() * p.element_size()
+            if not quantized or name == "bias":
+                total += p.numel() * p.element_size()
         if packed is not None:
             total += packed.numel() * packed.element_size()
     return total

@@ -66,16 +66,16 @@ def _prefilled_batch(worker, n: int, seed: int) -> list[ScheduledSeq]:
     return seqs
 
 
-# (quantization, fast kernels, batch, atol). ifq with fast kernels runs FBGEMM both ways from 5
-# rows, whose two-pass activation rounding (~14 bits, layers/quant/int8.py) turns 1e-7
-# differences in its input (attention summed in another order) into steps of up to ~1e-3 in
-# the logits; below 5 rows the compiled step is exact where eager FBGEMM rounds, so those
-# batch sizes are checked against the plain-torch ifq path (fast=False) instead.
+# (quantization, fast kernels, batch, atol). ifq with fast kernels runs the two-pass int8 GEMM
+# both ways from 5 rows, whose activation rounding (~15 bits, layers/quant/int8.py) turns 1e-7
+# differences in its input (attention summed in another order) into steps of ~1e-4 in the
+# logits; below 5 rows the compiled step is exact where the eager GEMM rounds, so those batch
+# sizes are checked against the plain-torch ifq path (fast=False) instead.
 PADDED_CASES = [
     *[("none", True, n, 1e-5) for n in (1, 3, 7, 16)],
     *[("ifq", False, n, 1e-5) for n in (1, 3, 7, 16)],
-    ("ifq", True, 7, 2e-3),
-    ("ifq", True, 16, 2e-3),
+    ("ifq", True, 7, 5e-4),
+    ("ifq", True, 16, 5e-4),
 ]
 
 

@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 
 from layers.linear import ColumnParallelLinear, RowParallelLinear
-from layers.quant.int8 import QMAX, fbgemm_available
+from layers.quant.base import NoQuant
+from layers.quant.int8 import QMAX, int8_matmul_available
 from layers.quant.smoothquant import (
     FORMAT,
     SMOOTHQUANT_FILE,
@@ -65,7 +66,7 @@ def test_oracle_is_within_the_w8a8_rounding_bound():
     assert (got - ref).abs().max() > 1e-4
 
 
-@pytest.mark.skipif(not fbgemm_available(), reason="needs FBGEMM")
+@pytest.mark.skipif(not int8_matmul_available(), reason="needs an int8 GEMM")
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_fast_path_agrees_with_the_oracle(rows):
     gen = torch.Generator().manual_seed(rows)
@@ -75,7 +76,7 @@ def test_fast_path_agrees_with_the_oracle(rows):
     oracle, fast = _layer(w, s, False)(x), _layer(w, s, True)(x)
     assert fast.shape == oracle.shape
     # both use the same int8 weights; they differ by the oracle's int8 activation rounding (the
-    # fast path keeps ~14 bits): at most half a token step times the row's |W'| sum
+    # fast path keeps ~15 bits): at most half a token step times the row's |W'| sum
     q, scale = quantize_smoothed(w, s)
     stored = q.float() * scale[:, None]  # W * s as the file holds it
     bound = (x / s).abs().amax(1, keepdim=True) / QMAX / 2 * stored.abs().sum(1)
@@ -153,15 +154,29 @@ def test_file_layout_is_the_documented_one(calibrated):
         assert torch.equal(f.get_tensor(k.format("q")), f.get_tensor(k.format("v")))
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_a_folder_with_only_the_file_serves_close_to_float(calibrated, fast):
+@pytest.mark.parametrize("fast,compiled", [(False, False), (True, False), (True, True)])
+def test_a_folder_with_only_the_file_serves_close_to_float(calibrated, fast, compiled):
     source, out = calibrated
     tokens = _tokens(24, seed=9)
     ref = our_logits(make_worker(source), tokens, 16)
-    got = our_logits(make_worker(out, quantization="smoothquant", fast_kernels=fast), tokens, 16)
+    worker = make_worker(out, quantization="smoothquant", fast_kernels=fast, cpu_compile=compiled)
+    assert (worker.runner.compiled is not None) == compiled
+    got = our_logits(worker, tokens, 16)
     # int8 weights and (oracle) int8 activations: logits move by a few hundredths here
     assert (got - ref).abs().max().item() <= 0.06 * ref.abs().max().item()
     assert (got - ref).abs().max().item() > 0  # it did not silently load the float weights
+
+
+def test_weight_memory_counts_each_int8_weight_once(calibrated):
+    source, out = calibrated
+    plain = make_worker(source, fast_kernels=False)
+    quant = make_worker(out, quantization="smoothquant")
+    linears = [m for m in plain.model.modules() if isinstance(getattr(m, "quant", None), NoQuant)
+               and m is not plain.model.lm_head]  # fmt: skip
+    float_bytes = sum(m.weight.numel() * 4 for m in linears)
+    # int8 values plus float32 row scales and smoothing factors
+    int8_bytes = sum(m.weight.numel() + 4 * sum(m.weight.shape) for m in linears)
+    assert quant.weight_bytes == plain.weight_bytes - float_bytes + int8_bytes
 
 
 def test_smoothquant_tp2_equals_tp1(calibrated):

@@ -73,7 +73,7 @@ def row_absmax(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
 # Up to this many rows, a compiled step computes a weight-only linear as one dequantize-
 # multiply-sum reduction per row (`fused_gemv`). Inductor fuses the cast into the reduction, so
 # int8 weights stream from memory as int8: ~2.5x float32's weight bandwidth at one row. Past 4
-# rows FBGEMM's GEMM wins (measured per shape on the 2-core AVX2 machine).
+# rows its accumulators spill and the int8 GEMM (`int8.int8_two_pass`) wins.
 FUSED_GEMV_MAX_ROWS = 4
 
 

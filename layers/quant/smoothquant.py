@@ -20,11 +20,10 @@ smoothing strength per layer (`alpha`, JSON).
 
 The plain-torch path is the oracle and is W8A8 as int8 GPU kernels compute it: each token of
 `x / s` is rounded to int8 with its own scale (absmax / 127), multiplied with the int8 weights in
-exact integer arithmetic, then rescaled. On CPUs with FBGEMM the fast path streams the same int8
-weights through FBGEMM, whose activation grid is only 7-bit (`reduce_range`): one pass cost
-+2.6 % perplexity on the embedded model where true W8A8 costs +0.5 %, so it sends the rounding
-error through as a second pass as `ifq` does (`int8.fbgemm_two_pass`, ~14-bit activations,
-+0.4 %). The tests bound its distance from the oracle.
+exact integer arithmetic, then rescaled. The CPU fast paths read the same int8 weights at a
+finer activation precision: `int8.int8_two_pass` (~15-bit activations through one int8 GEMM)
+and, in compiled decode steps of up to 4 rows, `fused_gemv` (float activations). The tests
+bound their distance from the oracle.
 """
 
 from __future__ import annotations
@@ -32,15 +31,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from layers.quant.base import QuantMode
+from layers.quant.base import QuantMode, fused_gemv, fused_gemv_fits
 from layers.quant.int8 import (
     QMAX,
-    _row_absmax,
-    fbgemm_available,
-    fbgemm_two_pass,
-    prepack_fbgemm,
+    int8_matmul_available,
+    int8_two_pass,
     quantize_rows,
-    span_row,
+    token_absmax,
 )
 
 SMOOTHQUANT_FILE = "smoothq_model-8bit-auto.safetensors"
@@ -53,7 +50,7 @@ def quantize_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric int8: integer-valued codes (in x's dtype) and one scale per row,
     from each row's |max| (or the given one)."""
-    scale = (_row_absmax(x) if absmax is None else absmax) / QMAX
+    scale = (token_absmax(x) if absmax is None else absmax) / QMAX
     return torch.round(x / scale).clamp_(-QMAX, QMAX), scale
 
 
@@ -118,27 +115,20 @@ class SmoothQuantW8A8(QuantMode):
         layer.weight_scale = param(out_local, dt=torch.float32)
         layer.smooth = param(in_local, dt=torch.float32)
         layer.weight = None
-        layer.fbgemm_packed = None
         layer.compute_dtype = dtype
 
     def finalize(self, layer) -> None:
         layer.inv_smooth = (1.0 / layer.smooth.data).to(layer.qweight.device)
-        if (
+        layer.int8_gemm = (
             self.fast
             and layer.qweight.device.type == "cpu"
             and layer.compute_dtype == torch.float32
-            and fbgemm_available()
-        ):
-            layer.fbgemm_packed = prepack_fbgemm(layer.qweight.data, layer.weight_scale.data)
-            layer.fbgemm_span = span_row(layer.in_local)
-            # FBGEMM holds its own copy; the int8 parameter is kept only as a 0-row stub
-            layer.qweight.data = torch.empty(0, layer.in_local, dtype=torch.int8)
+            and int8_matmul_available()
+        )
 
     def dequantized(self, layer) -> torch.Tensor:
         """The float weight of the original (unsmoothed) layer that the file stands for."""
         q = layer.qweight.data
-        if layer.fbgemm_packed is not None:
-            q = torch.ops.quantized.linear_unpack(layer.fbgemm_packed)[0].int_repr()
         return q.float() * layer.weight_scale.float()[:, None] / layer.smooth.float()[None, :]
 
     def weight_bytes(self, layer) -> int:
@@ -147,13 +137,15 @@ class SmoothQuantW8A8(QuantMode):
 
     def apply(self, layer, x, bias):
         xs = x * layer.inv_smooth.to(x.dtype)
-        if layer.fbgemm_packed is not None:
-            y = fbgemm_two_pass(xs, layer.fbgemm_packed, layer.fbgemm_span)
+        if fused_gemv_fits(xs):
+            y = fused_gemv(xs, layer.qweight.to(xs.dtype)) * layer.weight_scale
+        elif layer.int8_gemm:
+            y = int8_two_pass(xs, layer.qweight) * layer.weight_scale
         else:
             # A row-parallel rank holds a slice of each token: the token's scale is the maximum
             # over all ranks, so every TP size rounds every activation alike.
             absmax = None
             if getattr(layer, "split", None) == "row" and layer.pctx.world_size > 1:
-                absmax = layer.pctx.all_reduce_max(_row_absmax(xs.reshape(-1, xs.shape[-1])))
+                absmax = layer.pctx.all_reduce_max(token_absmax(xs.reshape(-1, xs.shape[-1])))
             y = w8a8_matmul(xs, layer.qweight, layer.weight_scale, absmax)
         return y + bias if bias is not None else y

@@ -106,6 +106,24 @@ def tiny_folder(tmp_path_factory, embedded_folder) -> Path:
     return folder
 
 
+def shard_pids(marker: str, rank: int = 0, group: int = 0) -> list[int]:
+    """Pids of the shard processes of `rank` in worker `group` whose command line holds
+    `marker` (a server's model folder, unique to it)."""
+    needle = f'"rank":{rank},"world_size":'
+    group_needle = f'"group_index":{group},'
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_text()
+        except OSError:
+            continue
+        if "shards.server" in cmd and needle in cmd and group_needle in cmd and marker in cmd:
+            pids.append(int(pid))
+    return pids
+
+
 def start_server(tmp_path_factory, name: str, args: list[str], env: dict | None = None) -> Server:
     log = tmp_path_factory.mktemp(f"server-{name}") / "server.log"
     return Server(args, env, log).wait_ready()

@@ -8,12 +8,11 @@ import contextlib
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
-from integration.conftest import Server, free_port, start_server
+from integration.conftest import Server, free_port, shard_pids, start_server
 
 PROMPTS = ["Hello there", "The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
 
@@ -31,27 +30,6 @@ def _complete(server: Server, prompt: str, max_tokens: int = 12) -> str:
 @pytest.fixture(scope="module")
 def reference(tiny_server) -> dict[str, str]:
     return {p: _complete(tiny_server, p) for p in PROMPTS}
-
-
-def _shard_pids(server: Server, rank: int, group: int) -> list[int]:
-    needle = f'"rank":{rank},"world_size":'
-    group_needle = f'"group_index":{group},'
-    pids = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_text()
-        except OSError:
-            continue
-        if (
-            "shards.server" in cmd
-            and needle in cmd
-            and group_needle in cmd
-            and server.marker in cmd
-        ):
-            pids.append(int(pid))
-    return pids
 
 
 def _start(tmp_path_factory, name: str, folder, *args, env=None) -> Server:
@@ -91,7 +69,7 @@ def test_worker_groups_share_the_load_and_survive_a_dead_group(
         assert all(g["dispatched"] > 0 for g in groups)
         assert sum(g["finished"]["length"] for g in groups) == len(prompts)
 
-        (victim,) = _shard_pids(server, rank=1, group=0)
+        (victim,) = shard_pids(server.marker, rank=1, group=0)
         os.kill(victim, signal.SIGKILL)
         # every request is still answered: one that lands on the dead group before the router
         # knows is retried on the live one
@@ -108,7 +86,7 @@ def test_worker_groups_share_the_load_and_survive_a_dead_group(
 
 def test_dead_rank_stops_a_single_group_server(tmp_path_factory, tiny_folder):
     server = _start(tmp_path_factory, "tp-kill", tiny_folder, "--num-gpus", "2")
-    (victim,) = _shard_pids(server, rank=1, group=0)
+    (victim,) = shard_pids(server.marker, rank=1, group=0)
     os.kill(victim, signal.SIGKILL)
     assert server.proc.wait(timeout=120) != 0
     assert "shard 1/2 of worker group 0" in server.logs()
@@ -165,7 +143,7 @@ def test_hung_rank_fails_requests_and_stops_the_server(tmp_path_factory, tiny_fo
         "2",
         env={"COLLECTIVE_TIMEOUT": "10"},
     )
-    (victim,) = _shard_pids(server, rank=1, group=0)
+    (victim,) = shard_pids(server.marker, rank=1, group=0)
     os.kill(victim, signal.SIGSTOP)
     try:
         r = httpx.post(

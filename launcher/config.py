@@ -213,6 +213,28 @@ class Config:
         "comma-separated bearer tokens; enables auth",
         parse=lambda s: tuple(k.strip() for k in s.split(",") if k.strip()),
     )
+    max_waiting_requests: int = opt(
+        "--max-waiting-requests",
+        "MAX_WAITING_REQUESTS",
+        512,
+        "requests waiting per worker group (for a slot or their first step) before new ones "
+        "get 429; 0: no bound",
+        parse=int,
+    )
+    max_waiting_tokens: int = opt(
+        "--max-waiting-tokens",
+        "MAX_WAITING_TOKENS",
+        262144,
+        "prompt tokens waiting per worker group before new requests get 429; 0: no bound",
+        parse=int,
+    )
+    stuck_step_timeout: float = opt(
+        "--stuck-step-timeout",
+        "STUCK_STEP_TIMEOUT",
+        60.0,
+        "seconds one step may run before /health/live and /health/ready answer 503",
+        parse=float,
+    )
     # -- the DeepSpeed image's dynamic batching (parsed; implemented with its scheduler) --------
     ds_dtype: str = opt(
         "--ds-dtype",
@@ -356,6 +378,9 @@ def validate(c: Config) -> None:
         raise ConfigError(
             f"--gpu-memory-utilization must be in (0, 1], got {c.gpu_memory_utilization}"
         )
+    if min(c.max_waiting_requests, c.max_waiting_tokens) < 0:
+        raise ConfigError("--max-waiting-requests and --max-waiting-tokens must be >= 0 (0: none)")
+    positive("stuck_step_timeout", "--stuck-step-timeout", c.stuck_step_timeout)
     if c.batch_wait_timeout < 0:
         raise ConfigError(f"--batch-wait-timeout must be >= 0, got {c.batch_wait_timeout}")
     if not 0 < c.port < 65536:

@@ -210,6 +210,9 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
         quality_check=c.quality_check,
         use_lookahead=c.use_lookahead,
         num_speculative_tokens=c.num_speculative_tokens,
+        max_waiting_requests=c.max_waiting_requests,
+        max_waiting_tokens=c.max_waiting_tokens,
+        stuck_step_timeout=c.stuck_step_timeout,
     )
     return ProcessPlan(groups, settings)
 

@@ -1,7 +1,14 @@
-"""The HTTP surface: starlette routes, bearer-token auth, OpenAI-shaped errors.
+"""The HTTP surface: starlette routes, bearer-token auth, OpenAI-shaped errors, health and
+metrics.
 
 Nothing malformed reaches the engine: the body is parsed (orjson) and validated (pydantic)
-first, and every failure is answered as {"error": {...}} with its status.
+first, and every failure is answered as {"error": {...}} with its status. A request that would
+wait past the bounds (--max-waiting-requests, --max-waiting-tokens) gets 429 with Retry-After.
+
+Health: `/health/live` is 200 while the process is up and its step loop advances or idles (503
+once a step has run past --stuck-step-timeout, e.g. a hung collective, or every worker group
+is dead); `/health/ready` is 200 only when loaded, answering and not stuck; `/health` is
+readiness (the spec's health check).
 """
 
 from __future__ import annotations
@@ -13,28 +20,44 @@ import orjson
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from router.completions import ServingContext, chat_completions, completions
-from router.engine import EngineDeadError
+from router.engine import EngineDeadError, Overloaded
+from router.metrics import CountResponses, Metrics
 from router.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
 from router.responses import json_response
 
 log = logging.getLogger("shardserve.app")
 
 MAX_BODY_BYTES = 16 * 2**20
+# Seconds a refused client is told to wait: requests drain in about a step's worth of seconds,
+# and a client that comes back sooner is refused again at no cost to anyone else.
+RETRY_AFTER_S = 1
 
 
-def _error(e: APIError) -> Response:
-    return json_response(e.body(), e.status)
+def _error(e: APIError, headers: dict | None = None) -> Response:
+    response = json_response(e.body(), e.status)
+    if headers:
+        response.headers.update(headers)
+    return response
 
 
 class Router:
-    def __init__(self, ctx: ServingContext | None, api_keys: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        ctx: ServingContext | None,
+        api_keys: tuple[str, ...] = (),
+        metrics: Metrics | None = None,
+        stuck_step_timeout: float = 60.0,
+    ) -> None:
         self.ctx = ctx  # None while the shards load
         self.api_keys = tuple(k.encode() for k in api_keys)
+        self.metrics = metrics or Metrics()
+        self.stuck_step_timeout = stuck_step_timeout
 
     def _authorize(self, request: Request) -> None:
         if not self.api_keys:
@@ -88,6 +111,11 @@ class Router:
             return _error(e)
         except EngineDeadError as e:
             return _error(APIError(503, str(e)))
+        except Overloaded as e:
+            self.metrics.rejected.labels(e.reason).inc()
+            log.warning("refused a request: %s", e)
+            err = APIError(429, str(e), code=e.reason)
+            return _error(err, {"retry-after": str(RETRY_AFTER_S)})
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, ChatCompletionRequest, chat_completions)
@@ -116,15 +144,36 @@ class Router:
             }
         )
 
-    async def health(self, request: Request) -> Response:
+    def _stuck(self) -> dict | None:
+        seconds = self.ctx.engine.stuck_for()
+        if seconds <= self.stuck_step_timeout:
+            return None
+        return {"status": "stuck", "step_seconds": round(seconds, 1)}
+
+    async def live(self, request: Request) -> Response:
+        if self.ctx is None:
+            return json_response({"status": "loading"})  # alive: loading is progress
+        if self.ctx.engine.dead:
+            return json_response({"status": "dead", "reason": self.ctx.engine.dead}, 503)
+        stuck = self._stuck()
+        return json_response(stuck, 503) if stuck else json_response({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
         if self.ctx is None:
             return json_response({"status": "loading"}, 503)
         if self.ctx.engine.dead:
             return json_response({"status": "dead", "reason": self.ctx.engine.dead}, 503)
+        stuck = self._stuck()
+        if stuck:
+            return json_response(stuck, 503)
         dead_groups = self.ctx.engine.dead_groups
         if dead_groups:  # degraded: the other worker groups still serve
             return json_response({"status": "ok", "dead_worker_groups": dead_groups})
         return json_response({"status": "ok"})
+
+    async def metrics_text(self, request: Request) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
 
     async def stats(self, request: Request) -> Response:
         try:
@@ -149,11 +198,16 @@ def create_app(router: Router, lifespan=None) -> Starlette:
         Route("/v1/chat/completions", router.chat, methods=["POST"]),
         Route("/v1/completions", router.completion, methods=["POST"]),
         Route("/v1/models", router.models, methods=["GET"]),
-        Route("/health", router.health, methods=["GET"]),
+        Route("/health", router.ready, methods=["GET"]),
+        Route("/health/ready", router.ready, methods=["GET"]),
+        Route("/health/live", router.live, methods=["GET"]),
+        Route("/metrics", router.metrics_text, methods=["GET"]),
         Route("/stats", router.stats, methods=["GET"]),
     ]
+    paths = {r.path for r in routes}
     return Starlette(
         routes=routes,
+        middleware=[Middleware(CountResponses, metrics=router.metrics, routes=paths)],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )

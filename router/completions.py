@@ -137,6 +137,7 @@ async def chat_completions(
         raise APIError(400, "the messages render to an empty prompt", param="messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(ctx, req, len(prompt_ids), logprobs)
+    ctx.engine.admit(len(prompt_ids))  # before a stream starts: a refusal is still a 429
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     gen = ctx.engine.generate(request_id, prompt_ids, params)
     base = {"id": request_id, "created": int(time.time()), "model": ctx.model_name}
@@ -196,6 +197,7 @@ async def completions(ctx: ServingContext, request: Request, req: CompletionRequ
     # Echo with logprobs scores the prompt; so does max_tokens=0 (only allowed with echo).
     scoring = req.echo and (req.logprobs is not None or req.max_tokens == 0)
     params = [_params(ctx, req, len(ids), req.logprobs, scoring) for ids in prompts]
+    ctx.engine.admit(sum(len(ids) for ids in prompts))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     base = {"id": request_id, "created": int(time.time()), "model": ctx.model_name}
     gens = [

@@ -3,7 +3,8 @@ scheduling choice (the scheduler does).
 
 Each request holds a concurrency slot (MAX_CONCURRENCY per worker; the rest wait for one), is
 added to the scheduler, and receives `RequestOutput`s as steps finish. A request whose consumer
-goes away (client disconnect) is aborted and its KV blocks freed at once.
+goes away (client disconnect) is aborted and its KV blocks freed at once. A request is waiting
+from its arrival until its first step; `admit` refuses new ones past the waiting bounds.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 from router.detokenize import IncrementalDetokenizer
 from router.engine_core import StepTimes
+from router.metrics import GroupMetrics
 from router.params import GenerationParams
 from router.scheduler import Scheduler, SeqUpdate
 from router.sequence import Sequence
@@ -26,6 +28,14 @@ log = logging.getLogger("shardserve.engine")
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class Overloaded(RuntimeError):
+    """Too much is waiting already: the request is refused before it is queued."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -50,12 +60,23 @@ class _Stream:
     seq: Sequence
     detok: IncrementalDetokenizer | None
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)  # arrival
+    scheduled_at: float | None = None  # its first step; until then it is waiting
     first_token_at: float | None = None
+    last_token_at: float | None = None
 
 
 class AsyncEngine:
-    def __init__(self, scheduler: Scheduler, shard, tokenizer, max_concurrency: int) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        shard,
+        tokenizer,
+        max_concurrency: int,
+        metrics: GroupMetrics | None = None,
+        max_waiting_requests: int | None = None,
+        max_waiting_tokens: int | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.shard = shard
         self.tokenizer = tokenizer
@@ -69,6 +90,12 @@ class AsyncEngine:
         self.times = StepTimes()
         self.num_queued = 0
         self.finished_by_reason: dict[str, int] = {}
+        self.metrics = metrics
+        self.max_waiting_requests = max_waiting_requests
+        self.max_waiting_tokens = max_waiting_tokens
+        self.num_waiting = 0  # arrived, not yet in a step (waiting for a slot or the scheduler)
+        self.num_waiting_tokens = 0  # their prompt tokens
+        self.step_started: float | None = None  # monotonic start of the step in flight
 
     @property
     def outstanding(self) -> int:
@@ -82,6 +109,28 @@ class AsyncEngine:
         if self._task:
             self._task.cancel()
 
+    def admit(self, num_prompt_tokens: int) -> None:
+        """Raise Overloaded when one more request would wait past the bounds."""
+        if self.max_waiting_requests is not None and self.num_waiting >= self.max_waiting_requests:
+            raise Overloaded(
+                "waiting_requests",
+                f"{self.num_waiting} requests are already waiting (--max-waiting-requests "
+                f"{self.max_waiting_requests}); retry later",
+            )
+        tokens = self.num_waiting_tokens + num_prompt_tokens
+        limit = self.max_waiting_tokens
+        # One prompt alone is always let in, however long: it only waits for its turn.
+        if limit is not None and self.num_waiting and tokens > limit:
+            raise Overloaded(
+                "waiting_tokens",
+                f"{self.num_waiting_tokens} prompt tokens are already waiting "
+                f"(--max-waiting-tokens {self.max_waiting_tokens}); retry later",
+            )
+
+    def stuck_for(self) -> float:
+        """Seconds the step in flight has taken so far (0 when none is)."""
+        return 0.0 if self.step_started is None else time.monotonic() - self.step_started
+
     async def generate(
         self,
         request_id: str,
@@ -91,20 +140,33 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         if self.dead:
             raise EngineDeadError(self.dead)
-        self.num_queued += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self.num_queued -= 1
         seq = Sequence(next(self._ids), request_id, list(prompt_token_ids), params)
+        stream = _Stream(seq, None)
+        self.num_waiting += 1
+        self.num_waiting_tokens += seq.num_prompt_tokens
+        try:
+            self.num_queued += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self.num_queued -= 1
+            try:
+                async for out in self._run(stream, detokenize):
+                    yield out
+            finally:
+                self._slots.release()
+        finally:
+            if stream.scheduled_at is None:
+                self._left_waiting(stream)
+
+    async def _run(self, stream: _Stream, detokenize: bool) -> AsyncIterator[RequestOutput]:
+        seq = stream.seq
         try:
             self.scheduler.add(seq)
-            detok = (
-                IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop)
-                if detokenize
-                else None
-            )
-            stream = _Stream(seq, detok)
+            if detokenize:
+                stream.detok = IncrementalDetokenizer(
+                    self.tokenizer, seq.prompt_token_ids, seq.params.stop
+                )
             self._streams[seq.seq_id] = stream
             self._wake.set()
             while True:
@@ -118,9 +180,21 @@ class AsyncEngine:
             self._streams.pop(seq.seq_id, None)
             if not seq.is_finished and self.scheduler.abort(seq.seq_id):
                 self._count_finish("abort")
-                log.info("%s aborted: client went away, KV blocks freed", request_id)
+                log.info("%s aborted: client went away, KV blocks freed", seq.request_id)
                 self._wake.set()
-            self._slots.release()
+
+    def _left_waiting(self, stream: _Stream) -> None:
+        self.num_waiting -= 1
+        self.num_waiting_tokens -= stream.seq.num_prompt_tokens
+
+    def _scheduled(self, plan, now: float) -> None:
+        for s in plan.seqs:
+            stream = self._streams.get(s.seq_id)
+            if stream is not None and stream.scheduled_at is None:
+                stream.scheduled_at = now
+                self._left_waiting(stream)
+                if self.metrics is not None:
+                    self.metrics.queue_time.observe(now - stream.started)
 
     async def _loop(self) -> None:
         try:
@@ -131,8 +205,11 @@ class AsyncEngine:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
+                self._scheduled(plan, time.monotonic())
                 t0 = time.perf_counter()
+                self.step_started = time.monotonic()
                 result = await self.shard.execute(plan)
+                self.step_started = None
                 t1 = time.perf_counter()
                 updates = self.scheduler.update(plan, result, t1 - started)
                 self._publish(updates)
@@ -144,6 +221,10 @@ class AsyncEngine:
                     tm.shard += t1 - t0
                     tm.forward += result.forward_seconds
                     tm.update += time.perf_counter() - t1
+                    if self.metrics is not None:
+                        self.metrics.step(
+                            time.perf_counter() - started, len(plan.seqs), plan.num_tokens
+                        )
                 await asyncio.sleep(0)  # let request handlers run between steps
         except asyncio.CancelledError:
             raise
@@ -161,10 +242,16 @@ class AsyncEngine:
                 continue
             seq = stream.seq
             prompt_lp = prompt_top = None
+            since_last = None if stream.last_token_at is None else now - stream.last_token_at
             if stream.first_token_at is None:
                 stream.first_token_at = now
+                if self.metrics is not None:
+                    self.metrics.ttft.observe(now - stream.started)
                 if seq.params.sampling.prompt_logprobs is not None:
                     prompt_lp, prompt_top = seq.prompt_logprobs, seq.prompt_top_logprobs
+            stream.last_token_at = now
+            if self.metrics is not None and u.new_token_ids:
+                self.metrics.tokens(len(u.new_token_ids), since_last)
             text = ""
             if stream.detok is not None:
                 shown = u.new_token_ids
@@ -181,17 +268,23 @@ class AsyncEngine:
             if seq.is_finished:
                 reason = seq.finish_reason
                 self._count_finish(reason)
+                queued = (stream.scheduled_at or now) - stream.started
                 log.info(
                     "%s finished: %s, prompt %d tokens (%d cached), output %d tokens, "
-                    "ttft %.3fs, total %.3fs",
+                    "queue %.3fs, ttft %.3fs, total %.3fs",
                     seq.request_id,
                     reason,
                     seq.num_prompt_tokens,
                     seq.num_cached_prompt_tokens,
                     seq.num_output_tokens,
+                    queued,
                     stream.first_token_at - stream.started,
                     now - stream.started,
                 )
+                if self.metrics is not None:
+                    self.metrics.finished(
+                        reason, seq.num_prompt_tokens, seq.num_output_tokens, now - stream.started
+                    )
             stream.queue.put_nowait(
                 RequestOutput(
                     text=text,
@@ -212,6 +305,24 @@ class AsyncEngine:
 
     def _count_finish(self, reason: str) -> None:
         self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
+
+    def live_state(self) -> dict:
+        """What /metrics reads at each scrape."""
+        alloc = self.scheduler.allocator
+        return {
+            "running": self.scheduler.num_running,
+            "waiting": self.num_queued + self.scheduler.num_waiting,  # incl. pre-empted ones
+            "waiting_tokens": self.num_waiting_tokens,
+            "usage": alloc.num_used / max(alloc.num_blocks, 1),
+            "used": alloc.num_used,
+            "free": alloc.num_free,
+            "queries": alloc.num_queried_blocks,
+            "hits": alloc.num_hit_blocks,
+            "preempted": self.scheduler.num_preemptions,
+            "drafts": self.scheduler.num_draft_proposed,
+            "accepted": self.scheduler.num_draft_accepted,
+            "dead": 1 if self.dead else 0,
+        }
 
     def stats(self) -> dict:
         alloc = self.scheduler.allocator

@@ -56,6 +56,15 @@ class EnginePool:
     def dead_groups(self) -> list[int]:
         return [i for i, e in enumerate(self.engines) if e.dead]
 
+    def admit(self, num_prompt_tokens: int) -> None:
+        """Raise Overloaded if the group this request would go to has too much waiting (the
+        least loaded one: if it is full, so are the others)."""
+        self.engines[self._pick(set())].admit(num_prompt_tokens)
+
+    def stuck_for(self) -> float:
+        """The longest time a live group's step in flight has taken so far."""
+        return max((e.stuck_for() for e in self.engines if not e.dead), default=0.0)
+
     def _pick(self, exclude: set[int]) -> int:
         live = [i for i, e in enumerate(self.engines) if not e.dead and i not in exclude]
         if not live:

@@ -24,6 +24,7 @@ from router.block_allocator import BlockAllocator
 from router.completions import ServingContext
 from router.engine import AsyncEngine
 from router.lookahead import Drafter
+from router.metrics import Metrics
 from router.pool import EnginePool
 from router.scheduler import Scheduler, SchedulerConfig
 from router.settings import SETTINGS_ENV, RouterSettings
@@ -34,7 +35,7 @@ from router.tokenizer import load_tokenizer
 log = logging.getLogger("shardserve.router")
 
 
-async def build_context(s: RouterSettings) -> ServingContext:
+async def build_context(s: RouterSettings, metrics: Metrics | None = None) -> ServingContext:
     shards = await asyncio.gather(*(AsyncShardClient.connect(p) for p in s.shard_sockets))
     info = shards[0].info
     tokenizer = await asyncio.to_thread(load_tokenizer, s.model_path, s.trust_remote_code)
@@ -57,8 +58,20 @@ async def build_context(s: RouterSettings) -> ServingContext:
             if s.use_lookahead
             else None,
         )
-        engines.append(AsyncEngine(scheduler, shard, tokenizer, s.max_concurrency))
+        engines.append(
+            AsyncEngine(
+                scheduler,
+                shard,
+                tokenizer,
+                s.max_concurrency,
+                metrics.group(len(engines)) if metrics is not None else None,
+                max_waiting_requests=s.max_waiting_requests or None,
+                max_waiting_tokens=s.max_waiting_tokens or None,
+            )
+        )
     engine = EnginePool(engines)
+    if metrics is not None:
+        metrics.watch(engine)
     engine.start()
     log.info(
         "serving %s: template %s, context %d, %d worker group(s) of %d KV blocks of %d tokens, "
@@ -100,13 +113,14 @@ async def log_quality(ctx: ServingContext, quantization: str, num_tokens: int = 
 
 
 def make_app(s: RouterSettings):
-    router = Router(None, s.api_keys)
+    metrics = Metrics()
+    router = Router(None, s.api_keys, metrics, s.stuck_step_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         async def load() -> None:
             try:
-                ctx = await build_context(s)
+                ctx = await build_context(s, metrics)
                 if s.quality_check:
                     await log_quality(ctx, s.quantization)
                 router.ctx = ctx

@@ -25,6 +25,9 @@ class RouterSettings:
     quality_check: bool = False
     use_lookahead: bool = False
     num_speculative_tokens: int = 8
+    max_waiting_requests: int = 512  # per worker group; 0: no bound
+    max_waiting_tokens: int = 262144
+    stuck_step_timeout: float = 60.0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -115,7 +115,7 @@ def test_past_the_waiting_bound_requests_get_429_and_nothing_is_lost(tmp_path_fa
     waiting = "shardserve:num_requests_waiting"
     try:
         with httpx.stream("POST", f"{server.url}{CHAT}", json=LONG, timeout=120) as running:
-            _first_token(running)  # it holds the only slot...
+            held = _first_token(running)  # it holds the only slot...
             os.kill(shard, signal.SIGSTOP)  # ...until the shard moves again
             try:
                 with httpx.stream("POST", f"{server.url}{CHAT}", json=LONG, timeout=120) as queued:
@@ -128,9 +128,9 @@ def test_past_the_waiting_bound_requests_get_429_and_nothing_is_lost(tmp_path_fa
                     assert err["type"] == "rate_limit_error" and err["code"] == "waiting_requests"
                     assert "--max-waiting-requests 1" in err["message"]
                     os.kill(shard, signal.SIGCONT)
-                    _first_token(queued)  # the waiting request was kept and now runs
             finally:
                 os.kill(shard, signal.SIGCONT)
+            assert any('"finish_reason":"length"' in line for line in held)  # nothing was lost
         assert _wait_until(lambda: value(scrape(server), waiting, worker_group=0) == 0)
         assert _wait_until(lambda: server.stats()["active_requests"] == 0)
         assert _chat(server, 4).status_code == 200
@@ -162,5 +162,54 @@ def test_a_stuck_step_fails_liveness_and_readiness_until_it_moves(tmp_path_facto
             )
             assert any('"finish_reason":"length"' in line for line in rest)
         assert httpx.get(f"{server.url}/health/ready", timeout=5).status_code == 200
+    finally:
+        server.stop()
+
+
+def _ready(server) -> int:
+    return httpx.get(f"{server.url}/health/ready", timeout=5).status_code
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path_factory, tiny_folder):
+    server, shard = _own_server(tmp_path_factory, tiny_folder, "drain")
+    try:
+        with httpx.stream("POST", f"{server.url}{CHAT}", json=LONG, timeout=120) as r:
+            rest = _first_token(r)
+            os.kill(shard, signal.SIGSTOP)  # hold the request in flight while we look
+            try:
+                server.proc.send_signal(signal.SIGTERM)
+                assert _wait_until(lambda: _ready(server) == 503)
+                assert httpx.get(f"{server.url}/health/ready", timeout=5).json() == {
+                    "status": "draining"
+                }
+                assert httpx.get(f"{server.url}/health/live", timeout=5).status_code == 200
+                refused = _chat(server, 4)
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+            finally:
+                os.kill(shard, signal.SIGCONT)
+            # the request in flight is not cut: it runs to its end
+            assert any('"finish_reason":"length"' in line for line in rest)
+        assert server.proc.wait(timeout=60) == 0
+        logs = server.logs()
+        assert "draining" in logs and "drained; stopping" in logs
+    finally:
+        server.stop()
+
+
+def test_a_second_sigterm_stops_at_once(tmp_path_factory, tiny_folder):
+    server, shard = _own_server(tmp_path_factory, tiny_folder, "drain-twice")
+    try:
+        with httpx.stream("POST", f"{server.url}{CHAT}", json=LONG, timeout=120) as r:
+            _held = _first_token(r)  # kept: dropping the lines would close the stream
+            os.kill(shard, signal.SIGSTOP)  # the request can never finish by itself
+            try:
+                server.proc.send_signal(signal.SIGTERM)
+                assert _wait_until(lambda: _ready(server) == 503)
+                server.proc.send_signal(signal.SIGTERM)
+            finally:
+                os.kill(shard, signal.SIGCONT)
+            # well inside the default 30 s shutdown timeout
+            assert server.proc.wait(timeout=20) == 0
+        assert "again; stopping now" in server.logs()
     finally:
         server.stop()

@@ -228,6 +228,14 @@ class Config:
         "prompt tokens waiting per worker group before new requests get 429; 0: no bound",
         parse=int,
     )
+    shutdown_timeout: float = opt(
+        "--shutdown-timeout",
+        "SHUTDOWN_TIMEOUT",
+        30.0,
+        "on SIGTERM, seconds in-flight requests may take to finish (new ones get 503); a "
+        "second signal stops at once",
+        parse=float,
+    )
     stuck_step_timeout: float = opt(
         "--stuck-step-timeout",
         "STUCK_STEP_TIMEOUT",
@@ -381,6 +389,8 @@ def validate(c: Config) -> None:
     if min(c.max_waiting_requests, c.max_waiting_tokens) < 0:
         raise ConfigError("--max-waiting-requests and --max-waiting-tokens must be >= 0 (0: none)")
     positive("stuck_step_timeout", "--stuck-step-timeout", c.stuck_step_timeout)
+    if c.shutdown_timeout < 0:
+        raise ConfigError(f"--shutdown-timeout must be >= 0, got {c.shutdown_timeout}")
     if c.batch_wait_timeout < 0:
         raise ConfigError(f"--batch-wait-timeout must be >= 0, got {c.batch_wait_timeout}")
     if not 0 < c.port < 65536:

@@ -65,21 +65,32 @@ def stop_all(children: list[Child], timeout: float = 10.0) -> None:
 class Supervisor:
     """Wait until the server must stop (a child exits, or a stop signal); then stop everything.
 
-    Returns the launcher's exit code: 0 after a signal, 1 after a failure."""
+    SIGTERM first lets `drain` (the router) finish its requests: it is told to drain, and the
+    shards stop once it has exited (or once a second signal comes). SIGINT (Ctrl-C, which the
+    whole terminal group receives) stops at once. Returns the launcher's exit code: 0 after a
+    signal, 1 after a failure."""
 
-    def __init__(self, children: list[Child], num_groups: int = 1) -> None:
+    def __init__(
+        self,
+        children: list[Child],
+        num_groups: int = 1,
+        drain: Child | None = None,
+        shutdown_timeout: float = 30.0,
+    ) -> None:
         self.children = children
         self.num_groups = num_groups
+        self.drain = drain
+        self.shutdown_timeout = shutdown_timeout
         self.dead_groups: set[int] = set()
         self._signal: int | None = None
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum
 
-    def _check(self) -> int | None:
+    def _check(self, ignore: Child | None = None) -> int | None:
         """The launcher's exit code when the server must stop, else None."""
         for c in self.children:
-            if c.group in self.dead_groups:
+            if c is ignore or c.group in self.dead_groups:
                 continue
             code = c.proc.poll()
             if code is None:
@@ -112,9 +123,32 @@ class Supervisor:
                     stop_all(self.children)
                     return code
                 time.sleep(poll_seconds)
+            if self._signal == signal.SIGTERM and self.drain and self.drain.proc.poll() is None:
+                return self._drain(poll_seconds)
             log.info("received %s; stopping", signal.Signals(self._signal).name)
             stop_all(self.children)
             return 0
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)
+
+    def _drain(self, poll_seconds: float) -> int:
+        log.info(
+            "received SIGTERM; draining for up to %.0fs (a second signal stops at once)",
+            self.shutdown_timeout,
+        )
+        self._signal = None
+        self.drain.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.shutdown_timeout + 15  # its timeout, then its exit
+        code = None
+        while self.drain.proc.poll() is None and self._signal is None:
+            code = self._check(ignore=self.drain)
+            if code is not None or time.monotonic() > deadline:
+                break
+            time.sleep(poll_seconds)
+        if self._signal is not None:
+            log.info("received %s again; stopping now", signal.Signals(self._signal).name)
+        elif self.drain.proc.poll() is None and code is None:
+            log.warning("%s did not finish draining in time; stopping", self.drain.name)
+        stop_all(self.children)
+        return code or 0

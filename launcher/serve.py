@@ -213,6 +213,7 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
         max_waiting_requests=c.max_waiting_requests,
         max_waiting_tokens=c.max_waiting_tokens,
         stuck_step_timeout=c.stuck_step_timeout,
+        shutdown_timeout=c.shutdown_timeout,
     )
     return ProcessPlan(groups, settings)
 
@@ -276,7 +277,13 @@ def serve(argv: list[str] | None = None) -> int:
                     env={SETTINGS_ENV: orjson.dumps(plan.settings.to_dict()).decode()},
                 )
             )
-        return Supervisor(children, num_groups=config.worker_num).run()
+        router = next((c for c in children if c.name == "router"), None)
+        return Supervisor(
+            children,
+            num_groups=config.worker_num,
+            drain=router,
+            shutdown_timeout=config.shutdown_timeout,
+        ).run()
     finally:
         stop_all(children)
         shutil.rmtree(socket_dir, ignore_errors=True)

@@ -7,8 +7,8 @@ wait past the bounds (--max-waiting-requests, --max-waiting-tokens) gets 429 wit
 
 Health: `/health/live` is 200 while the process is up and its step loop advances or idles (503
 once a step has run past --stuck-step-timeout, e.g. a hung collective, or every worker group
-is dead); `/health/ready` is 200 only when loaded, answering and not stuck; `/health` is
-readiness (the spec's health check).
+is dead); `/health/ready` is 200 only when loaded, answering, not stuck and not draining after
+a stop signal; `/health` is readiness (the spec's health check).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class Router:
         self.api_keys = tuple(k.encode() for k in api_keys)
         self.metrics = metrics or Metrics()
         self.stuck_step_timeout = stuck_step_timeout
+        self.draining = False  # after a stop signal: in-flight requests finish, new ones get 503
 
     def _authorize(self, request: Request) -> None:
         if not self.api_keys:
@@ -91,9 +92,12 @@ class Router:
             raise APIError(400, "request body must be a JSON object", code="invalid_json")
         return body
 
-    def _serving(self) -> ServingContext:
+    def _serving(self, new_request: bool = False) -> ServingContext:
         if self.ctx is None:
             raise APIError(503, "the model is still loading")
+        if new_request and self.draining:
+            self.metrics.rejected.labels("draining").inc()
+            raise APIError(503, "the server is shutting down", code="draining")
         if self.ctx.engine.dead:
             raise APIError(503, self.ctx.engine.dead)
         return self.ctx
@@ -101,7 +105,7 @@ class Router:
     async def _generate(self, request: Request, model, handler) -> Response:
         try:
             self._authorize(request)
-            ctx = self._serving()
+            ctx = self._serving(new_request=True)
             try:
                 req = model.model_validate(await self._body(request))
             except ValidationError as e:
@@ -166,6 +170,8 @@ class Router:
         stuck = self._stuck()
         if stuck:
             return json_response(stuck, 503)
+        if self.draining:
+            return json_response({"status": "draining"}, 503)
         dead_groups = self.ctx.engine.dead_groups
         if dead_groups:  # degraded: the other worker groups still serve
             return json_response({"status": "ok", "dead_worker_groups": dead_groups})

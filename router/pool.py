@@ -53,6 +53,11 @@ class EnginePool:
             await e.stop()
 
     @property
+    def outstanding(self) -> int:
+        """Requests in flight or waiting for a slot, over every group."""
+        return sum(e.outstanding for e in self.engines)
+
+    @property
     def dead_groups(self) -> list[int]:
         return [i for i, e in enumerate(self.engines) if e.dead]
 

@@ -4,6 +4,10 @@
 
 It listens at once (health answers 503 while loading), connects to the shards, loads the
 tokenizer and template, then serves. A start-up failure exits non-zero; the launcher sees it.
+
+The first SIGTERM (or SIGINT) drains: readiness and new requests answer 503 while the requests
+in flight finish, for up to --shutdown-timeout seconds; then it exits 0. A second signal ends
+it at once.
 """
 
 from __future__ import annotations
@@ -135,7 +139,54 @@ def make_app(s: RouterSettings):
         if router.ctx is not None:
             await router.ctx.engine.stop()
 
-    return create_app(router, lifespan=lifespan)
+    app = create_app(router, lifespan=lifespan)
+    app.state.router = router
+    return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with its stop signals turned into a drain (uvicorn's own would close the port
+    at once: new requests would be refused rather than answered 503)."""
+
+    def __init__(self, config: uvicorn.Config, router, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.router = router
+        self.shutdown_timeout = shutdown_timeout
+        self._drain_task: asyncio.Task | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.router.draining or self.router.ctx is None:  # a second signal, or still loading
+            self.force_exit = self.router.draining
+            self.should_exit = True
+            if self.force_exit:
+                log.warning("second stop signal: stopping now")
+            return
+        self.router.draining = True
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(self._start_drain, loop)
+
+    def _start_drain(self, loop) -> None:
+        self._drain_task = loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        pool = self.router.ctx.engine
+        log.info(
+            "draining: %d request(s) in flight, new ones get 503; up to %.0fs to finish",
+            pool.outstanding,
+            self.shutdown_timeout,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_timeout
+        while pool.outstanding and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if pool.outstanding:
+            log.warning(
+                "shutdown timeout: %d request(s) still in flight are cut off", pool.outstanding
+            )
+            self.force_exit = True
+        else:
+            log.info("drained; stopping")
+        self.should_exit = True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     s = RouterSettings.from_dict(orjson.loads(os.environ.pop(SETTINGS_ENV)))
-    uvicorn.run(make_app(s), host=s.host, port=s.port, log_level="warning", access_log=False)
+    app = make_app(s)
+    config = uvicorn.Config(app, host=s.host, port=s.port, log_level="warning", access_log=False)
+    DrainingServer(config, app.state.router, s.shutdown_timeout).run()
     return 0
 
 

@@ -28,6 +28,7 @@ class RouterSettings:
     max_waiting_requests: int = 512  # per worker group; 0: no bound
     max_waiting_tokens: int = 262144
     stuck_step_timeout: float = 60.0
+    shutdown_timeout: float = 30.0
 
     def to_dict(self) -> dict:
         return asdict(self)

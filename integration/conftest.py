@@ -26,9 +26,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVE = [sys.executable, "-m", "launcher", "serve"]
+
+
 class Server:
     def __init__(
-        self, args: list[str], env: dict | None = None, log_path: Path | None = None
+        self,
+        args: list[str],
+        env: dict | None = None,
+        log_path: Path | None = None,
+        command: list[str] = SERVE,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -36,10 +43,7 @@ class Server:
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "launcher",
-                "serve",
+                *command,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -104,6 +108,16 @@ def tiny_folder(tmp_path_factory, embedded_folder) -> Path:
         if (embedded_folder / name).exists():
             shutil.copy(embedded_folder / name, folder / name)
     return folder
+
+
+def wait_until(predicate, deadline: float = 60.0) -> bool:
+    """Poll until `predicate()` holds; False if the deadline passes first."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def shard_pids(marker: str, rank: int = 0, group: int = 0) -> list[int]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import httpx
+
+from integration.conftest import wait_until
 
 LONG = {
     "messages": [{"role": "user", "content": "go"}],
@@ -14,16 +15,6 @@ LONG = {
     "ignore_eos": True,
     "temperature": 0,
 }
-
-
-def _wait_until(predicate, deadline: float = 60.0) -> bool:
-    """Poll until `predicate()` holds; False if the deadline passes first."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_stream_disconnect_frees_blocks(tiny_server):
@@ -36,8 +27,8 @@ def test_stream_disconnect_frees_blocks(tiny_server):
                 break
         assert tiny_server.stats()["kv_blocks_used"] > 0
     # The connection is closed here, long before 400 tokens.
-    assert _wait_until(lambda: tiny_server.stats()["kv_blocks_used"] == 0)
-    assert _wait_until(lambda: tiny_server.stats()["active_requests"] == 0)
+    assert wait_until(lambda: tiny_server.stats()["kv_blocks_used"] == 0)
+    assert wait_until(lambda: tiny_server.stats()["active_requests"] == 0)
 
 
 def test_non_stream_disconnect_frees_blocks(tiny_server):
@@ -49,7 +40,7 @@ def test_non_stream_disconnect_frees_blocks(tiny_server):
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
-    assert _wait_until(lambda: tiny_server.stats()["kv_blocks_used"] > 0)
+    assert wait_until(lambda: tiny_server.stats()["kv_blocks_used"] > 0)
     sock.close()
-    assert _wait_until(lambda: tiny_server.stats()["kv_blocks_used"] == 0)
+    assert wait_until(lambda: tiny_server.stats()["kv_blocks_used"] == 0)
     assert tiny_server.stats()["finished"].get("abort", 0) == aborted_before + 1

@@ -5,23 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from integration.conftest import shard_pids, start_server
+from integration.conftest import shard_pids, start_server, wait_until
 
 CHAT = "/v1/chat/completions"
-
-
-def _wait_until(predicate, deadline: float = 60.0) -> bool:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def scrape(server) -> dict[tuple, float]:
@@ -120,7 +110,7 @@ def test_past_the_waiting_bound_requests_get_429_and_nothing_is_lost(tmp_path_fa
             try:
                 with httpx.stream("POST", f"{server.url}{CHAT}", json=LONG, timeout=120) as queued:
                     assert queued.status_code == 200
-                    assert _wait_until(lambda: value(scrape(server), waiting, worker_group=0) == 1)
+                    assert wait_until(lambda: value(scrape(server), waiting, worker_group=0) == 1)
                     refused = _chat(server, 4)
                     assert refused.status_code == 429
                     assert refused.headers["retry-after"] == "1"
@@ -131,8 +121,8 @@ def test_past_the_waiting_bound_requests_get_429_and_nothing_is_lost(tmp_path_fa
             finally:
                 os.kill(shard, signal.SIGCONT)
             assert any('"finish_reason":"length"' in line for line in held)  # nothing was lost
-        assert _wait_until(lambda: value(scrape(server), waiting, worker_group=0) == 0)
-        assert _wait_until(lambda: server.stats()["active_requests"] == 0)
+        assert wait_until(lambda: value(scrape(server), waiting, worker_group=0) == 0)
+        assert wait_until(lambda: server.stats()["active_requests"] == 0)
         assert _chat(server, 4).status_code == 200
         m = scrape(server)
         assert value(m, "shardserve:request_rejected_total", reason="waiting_requests") == 1
@@ -148,7 +138,7 @@ def test_a_stuck_step_fails_liveness_and_readiness_until_it_moves(tmp_path_facto
             rest = _first_token(r)
             os.kill(shard, signal.SIGSTOP)  # a step now never returns, as in a hung collective
             try:
-                assert _wait_until(
+                assert wait_until(
                     lambda: httpx.get(f"{server.url}/health/live", timeout=5).status_code == 503
                 )
                 live = httpx.get(f"{server.url}/health/live", timeout=5).json()
@@ -157,7 +147,7 @@ def test_a_stuck_step_fails_liveness_and_readiness_until_it_moves(tmp_path_facto
                 assert httpx.get(f"{server.url}/health", timeout=5).status_code == 503
             finally:
                 os.kill(shard, signal.SIGCONT)
-            assert _wait_until(
+            assert wait_until(
                 lambda: httpx.get(f"{server.url}/health/live", timeout=5).status_code == 200
             )
             assert any('"finish_reason":"length"' in line for line in rest)
@@ -178,7 +168,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path_factory, tiny_f
             os.kill(shard, signal.SIGSTOP)  # hold the request in flight while we look
             try:
                 server.proc.send_signal(signal.SIGTERM)
-                assert _wait_until(lambda: _ready(server) == 503)
+                assert wait_until(lambda: _ready(server) == 503)
                 assert httpx.get(f"{server.url}/health/ready", timeout=5).json() == {
                     "status": "draining"
                 }
@@ -204,7 +194,7 @@ def test_a_second_sigterm_stops_at_once(tmp_path_factory, tiny_folder):
             os.kill(shard, signal.SIGSTOP)  # the request can never finish by itself
             try:
                 server.proc.send_signal(signal.SIGTERM)
-                assert _wait_until(lambda: _ready(server) == 503)
+                assert wait_until(lambda: _ready(server) == 503)
                 server.proc.send_signal(signal.SIGTERM)
             finally:
                 os.kill(shard, signal.SIGCONT)

@@ -102,10 +102,11 @@ def _run_all(url: str, loads) -> dict:
     return results
 
 
-def _ours_cmd(model: str, port: int, quantization: str) -> list[str]:
+def _ours_cmd(model: str, port: int, quantization: str, scheduler: str) -> list[str]:
     return [
         sys.executable, "-m", "launcher", "serve", "--model-path", model,
-        "--quantization", quantization, "--host", "127.0.0.1", "--port", str(port),
+        "--quantization", quantization, "--scheduler", scheduler,
+        "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
 
 
@@ -156,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quantization", nargs="+", default=["none"], help="our server once per QUANTIZATION"
     )
+    p.add_argument(
+        "--scheduler",
+        nargs="+",
+        default=["continuous"],
+        choices=["continuous", "dynamic-batching"],
+        help="our server once per scheduler (and QUANTIZATION)",
+    )
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument(
         "--llama-server",
@@ -173,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     loads = _loads(args)
     exe = None if args.skip_transformers else _transformers_exe()  # before any long run
     for mode in args.quantization:
-        port = _free_port()
-        _serve_and_load(f"ours {mode}", _ours_cmd(model, port, mode), port, loads, report)
+        for scheduler in args.scheduler:
+            port = _free_port()
+            name = f"ours {mode}" + ("" if scheduler == "continuous" else f" {scheduler}")
+            cmd = _ours_cmd(model, port, mode, scheduler)
+            _serve_and_load(name, cmd, port, loads, report)
     if not args.skip_transformers:
         port = _free_port()
         _serve_and_load("transformers", _transformers_cmd(exe, model, port), port, loads, report)

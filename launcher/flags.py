@@ -7,6 +7,11 @@ import re
 from dataclasses import field
 from typing import Any
 
+
+class ConfigError(ValueError):
+    """A bad flag or environment value; the message names the flag."""
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 

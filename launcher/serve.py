@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -151,12 +152,33 @@ class ProcessPlan:
     settings: RouterSettings | None  # None on nodes other than 0: they run shards only
 
 
+def ds_image_settings(c: Config, device: str) -> Config:
+    """Dynamic batching is the DeepSpeed image's mode, whose DS_DTYPE sets the precision:
+    int8 is our ifq (in the compute dtype), float16 / bfloat16 the dtype. DTYPE and QUANTIZATION
+    given as well win. On CPU, half precision is several times slower than float32, so a
+    DS_DTYPE of float16 / bfloat16 keeps float32 there (logged)."""
+    if c.scheduler != "dynamic-batching":
+        return c
+    changes: dict = {}
+    if c.ds_dtype == "int8":
+        if c.quantization == "none":
+            changes["quantization"] = "ifq"
+    elif c.dtype is None and device != "cpu":
+        changes["dtype"] = c.ds_dtype
+    elif c.dtype is None:
+        log.info("DS_DTYPE=%s on CPU: computing in float32 (half precision is slow)", c.ds_dtype)
+    if changes:
+        log.info("dynamic batching, DS_DTYPE=%s: %s", c.ds_dtype, changes)
+    return dataclasses.replace(c, **changes)
+
+
 def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessPlan:
     if c.conv_template is not None and c.conv_template not in KNOWN_NAMES:
         raise ConfigError(
             f"CONV_TEMPLATE {c.conv_template!r} is unknown; known: {', '.join(KNOWN_NAMES)}"
         )
     device, gpus = _device()
+    c = ds_image_settings(c, device)
     quantization = resolve_quantization(c.quantization, model.path, device)
     if quantization == "smoothquant":
         check_smoothquant_file(model.path, model.config)
@@ -214,6 +236,9 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
         max_waiting_tokens=c.max_waiting_tokens,
         stuck_step_timeout=c.stuck_step_timeout,
         shutdown_timeout=c.shutdown_timeout,
+        scheduler=c.scheduler,
+        max_batch_size=c.max_batch_size,
+        batch_wait_timeout=c.batch_wait_timeout,
     )
     return ProcessPlan(groups, settings)
 

@@ -10,6 +10,7 @@ from its arrival until its first step; `admit` refuses new ones past the waiting
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -203,7 +204,7 @@ class AsyncEngine:
                 plan = self.scheduler.schedule()
                 if plan is None:
                     self._wake.clear()
-                    await self._wake.wait()
+                    await self._idle()
                     continue
                 self._scheduled(plan, time.monotonic())
                 t0 = time.perf_counter()
@@ -233,6 +234,16 @@ class AsyncEngine:
             log.error("%s", self.dead)
             for stream in list(self._streams.values()):
                 stream.queue.put_nowait(EngineDeadError(self.dead))
+
+    async def _idle(self) -> None:
+        """Until a request arrives or leaves, or (dynamic batching) a gathering batch is due."""
+        wait_seconds = getattr(self.scheduler, "wait_seconds", None)
+        timeout = wait_seconds() if wait_seconds else None
+        if timeout is None:
+            await self._wake.wait()
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _publish(self, updates: list[SeqUpdate]) -> None:
         now = time.monotonic()

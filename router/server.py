@@ -26,6 +26,7 @@ import uvicorn
 from router.app import Router, create_app
 from router.block_allocator import BlockAllocator
 from router.completions import ServingContext
+from router.dynamic_batching import DynamicBatchScheduler
 from router.engine import AsyncEngine
 from router.lookahead import Drafter
 from router.metrics import Metrics
@@ -39,6 +40,23 @@ from router.tokenizer import load_tokenizer
 log = logging.getLogger("shardserve.router")
 
 
+def _scheduler(s: RouterSettings, info) -> Scheduler:
+    config = SchedulerConfig(
+        max_num_batched_tokens=s.max_num_batched_tokens,
+        max_num_seqs=s.max_num_seqs,
+        max_model_len=info.max_model_len,
+        eos_token_ids=info.eos_token_ids,
+        watermark_blocks=max(1, info.num_blocks // 100),
+    )
+    allocator = BlockAllocator(info.num_blocks, info.block_size, s.enable_prefix_caching)
+    if s.scheduler == "dynamic-batching":
+        return DynamicBatchScheduler(config, allocator, s.max_batch_size, s.batch_wait_timeout)
+    drafter = None
+    if s.use_lookahead:
+        drafter = Drafter.for_backend(s.num_speculative_tokens, info.attention_backend)
+    return Scheduler(config, allocator, drafter)
+
+
 async def build_context(s: RouterSettings, metrics: Metrics | None = None) -> ServingContext:
     shards = await asyncio.gather(*(AsyncShardClient.connect(p) for p in s.shard_sockets))
     info = shards[0].info
@@ -49,19 +67,7 @@ async def build_context(s: RouterSettings, metrics: Metrics | None = None) -> Se
         log.warning("%s: check CONV_TEMPLATE matches this model", mismatch)
     engines = []
     for shard in shards:
-        scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_batched_tokens=s.max_num_batched_tokens,
-                max_num_seqs=s.max_num_seqs,
-                max_model_len=shard.info.max_model_len,
-                eos_token_ids=shard.info.eos_token_ids,
-                watermark_blocks=max(1, shard.info.num_blocks // 100),
-            ),
-            BlockAllocator(shard.info.num_blocks, shard.info.block_size, s.enable_prefix_caching),
-            Drafter.for_backend(s.num_speculative_tokens, shard.info.attention_backend)
-            if s.use_lookahead
-            else None,
-        )
+        scheduler = _scheduler(s, shard.info)
         engines.append(
             AsyncEngine(
                 scheduler,
@@ -79,7 +85,7 @@ async def build_context(s: RouterSettings, metrics: Metrics | None = None) -> Se
     engine.start()
     log.info(
         "serving %s: template %s, context %d, %d worker group(s) of %d KV blocks of %d tokens, "
-        "%s attention on %s",
+        "%s attention on %s, %s",
         s.model_name,
         template.name,
         info.max_model_len,
@@ -88,6 +94,9 @@ async def build_context(s: RouterSettings, metrics: Metrics | None = None) -> Se
         info.block_size,
         info.attention_backend,
         info.device,
+        "continuous batching"
+        if s.scheduler == "continuous"
+        else f"dynamic batching (up to {s.max_batch_size} requests, {s.batch_wait_timeout}s wait)",
     )
     return ServingContext(engine, tokenizer, template, s.model_name, info.max_model_len)
 

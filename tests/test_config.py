@@ -135,3 +135,37 @@ def test_cpu_compile_is_on_unless_turned_off():
     assert load_config([], {}).cpu_compile is True
     assert load_config([], {"CPU_COMPILE": "0"}).cpu_compile is False
     assert load_config(["--cpu-compile", "0"], {"CPU_COMPILE": "1"}).cpu_compile is False
+
+
+@pytest.mark.parametrize(
+    "env,device,expected",
+    [
+        ({}, "cuda", (None, "none")),  # continuous batching: DS_DTYPE is not used
+        ({"SCHEDULER": "dynamic-batching"}, "cuda", ("float16", "none")),
+        ({"SCHEDULER": "dynamic-batching", "DS_DTYPE": "bfloat16"}, "cuda", ("bfloat16", "none")),
+        ({"SCHEDULER": "dynamic-batching", "DS_DTYPE": "int8"}, "cuda", (None, "ifq")),
+        (
+            {"SCHEDULER": "dynamic-batching", "DS_DTYPE": "int8", "QUANTIZATION": "fp8"},
+            "cuda",
+            (None, "fp8"),
+        ),  # fmt: skip
+        ({"SCHEDULER": "dynamic-batching", "DTYPE": "float32"}, "cuda", ("float32", "none")),
+        ({"SCHEDULER": "dynamic-batching"}, "cpu", (None, "none")),  # half precision is slow
+    ],
+)
+def test_ds_dtype_sets_dtype_and_quantization_in_dynamic_batching(env, device, expected):
+    from launcher.serve import ds_image_settings
+
+    c = ds_image_settings(load_config([], env), device)
+    assert (c.dtype, c.quantization) == expected
+
+
+def test_operations_flags_are_checked():
+    with pytest.raises(ConfigError, match="--max-waiting-requests"):
+        load_config(["--max-waiting-requests", "-1"], {})
+    with pytest.raises(ConfigError, match="--stuck-step-timeout"):
+        load_config([], {"STUCK_STEP_TIMEOUT": "0"})
+    with pytest.raises(ConfigError, match="--shutdown-timeout"):
+        load_config(["--shutdown-timeout", "-2"], {})
+    c = load_config([], {"MAX_WAITING_TOKENS": "0", "SHUTDOWN_TIMEOUT": "5"})
+    assert (c.max_waiting_tokens, c.shutdown_timeout) == (0, 5.0)

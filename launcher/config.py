@@ -225,6 +225,20 @@ class Config:
         "prompt tokens waiting per worker group before new requests get 429; 0: no bound",
         parse=int,
     )
+    request_timeout: float = opt(
+        "--request-timeout",
+        "REQUEST_TIMEOUT",
+        0.0,
+        "seconds from arrival after which a request ends with finish_reason timeout; 0: none",
+        parse=float,
+    )
+    queue_timeout: float = opt(
+        "--queue-timeout",
+        "QUEUE_TIMEOUT",
+        0.0,
+        "seconds a request may wait for its first step before 429 (code queue_timeout); 0: none",
+        parse=float,
+    )
     shutdown_timeout: float = opt(
         "--shutdown-timeout",
         "SHUTDOWN_TIMEOUT",

@@ -236,6 +236,8 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
         max_waiting_tokens=c.max_waiting_tokens,
         stuck_step_timeout=c.stuck_step_timeout,
         shutdown_timeout=c.shutdown_timeout,
+        request_timeout=c.request_timeout,
+        queue_timeout=c.queue_timeout,
         scheduler=c.scheduler,
         max_batch_size=c.max_batch_size,
         batch_wait_timeout=c.batch_wait_timeout,

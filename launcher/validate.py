@@ -46,6 +46,8 @@ def validate(c: Config) -> None:
     if min(c.max_waiting_requests, c.max_waiting_tokens) < 0:
         raise ConfigError("--max-waiting-requests and --max-waiting-tokens must be >= 0 (0: none)")
     positive("stuck_step_timeout", "--stuck-step-timeout", c.stuck_step_timeout)
+    if min(c.request_timeout, c.queue_timeout) < 0:
+        raise ConfigError("--request-timeout and --queue-timeout must be >= 0 (0: none)")
     if c.shutdown_timeout < 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0, got {c.shutdown_timeout}")
     if c.batch_wait_timeout < 0:

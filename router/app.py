@@ -26,10 +26,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from router.completions import ServingContext, chat_completions, completions
-from router.engine import EngineDeadError, Overloaded
 from router.metrics import CountResponses, Metrics
 from router.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
 from router.responses import json_response
+from router.streams import EngineDeadError, Overloaded
 
 log = logging.getLogger("shardserve.app")
 

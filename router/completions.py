@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from router.engine import EngineDeadError, RequestOutput
 from router.params import GenerationParams
 from router.pool import EnginePool
 from router.protocol import APIError, ChatCompletionRequest, CompletionRequest, _Sampling
@@ -24,6 +23,7 @@ from router.responses import (
     sse,
     usage,
 )
+from router.streams import EngineDeadError, Overloaded, RequestOutput
 from router.templates import ChatTemplate
 from shards.wire import SamplingParams
 
@@ -176,6 +176,8 @@ async def _chat_stream(ctx, gen, base, include_usage: bool, logprobs: bool) -> A
                     yield sse({**chunk, "choices": [], "usage": usage(out)})
     except EngineDeadError as e:
         yield sse(APIError(500, str(e)).body())
+    except Overloaded as e:  # its deadline passed before its first step
+        yield sse(APIError(429, str(e), code=e.reason).body())
     yield sse("[DONE]")
 
 
@@ -269,4 +271,6 @@ async def _completion_stream(
                     yield sse({**chunk, "choices": [], "usage": usage(out)})
     except EngineDeadError as e:
         yield sse(APIError(500, str(e)).body())
+    except Overloaded as e:  # its deadline passed before its first step
+        yield sse(APIError(429, str(e), code=e.reason).body())
     yield sse("[DONE]")

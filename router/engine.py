@@ -15,7 +15,6 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from router.detokenize import IncrementalDetokenizer
 from router.engine_core import StepTimes
@@ -23,48 +22,9 @@ from router.metrics import GroupMetrics
 from router.params import GenerationParams
 from router.scheduler import Scheduler, SeqUpdate
 from router.sequence import Sequence
+from router.streams import EngineDeadError, Overloaded, RequestOutput, Stream, drop_after_stop
 
 log = logging.getLogger("shardserve.engine")
-
-
-class EngineDeadError(RuntimeError):
-    pass
-
-
-class Overloaded(RuntimeError):
-    """Too much is waiting already: the request is refused before it is queued."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass
-class RequestOutput:
-    text: str  # newly final text
-    token_ids: list[int]  # newly generated tokens
-    logprobs: list[float] | None = None
-    top_logprobs: list | None = None
-    finished: bool = False
-    finish_reason: str | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    num_cached_tokens: int = 0
-    num_draft_proposed: int = 0  # lookahead draft tokens verified for this request so far
-    num_draft_accepted: int = 0
-    prompt_logprobs: list[float] | None = None  # first output only, when the prompt is scored
-    prompt_top_logprobs: list | None = None
-
-
-@dataclass
-class _Stream:
-    seq: Sequence
-    detok: IncrementalDetokenizer | None
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    started: float = field(default_factory=time.monotonic)  # arrival
-    scheduled_at: float | None = None  # its first step; until then it is waiting
-    first_token_at: float | None = None
-    last_token_at: float | None = None
 
 
 class AsyncEngine:
@@ -77,13 +37,18 @@ class AsyncEngine:
         metrics: GroupMetrics | None = None,
         max_waiting_requests: int | None = None,
         max_waiting_tokens: int | None = None,
+        request_timeout: float | None = None,
+        queue_timeout: float | None = None,
     ) -> None:
+        """request_timeout: seconds from arrival after which a request ends (finish reason
+        `timeout`, with what it has so far); queue_timeout: seconds it may wait before its
+        first step (then refused as Overloaded `queue_timeout`). None: no deadline."""
         self.scheduler = scheduler
         self.shard = shard
         self.tokenizer = tokenizer
         self.max_concurrency = max_concurrency
         self._slots = asyncio.Semaphore(max_concurrency)
-        self._streams: dict[int, _Stream] = {}
+        self._streams: dict[int, Stream] = {}
         self._wake = asyncio.Event()
         self._ids = itertools.count(1)
         self._task: asyncio.Task | None = None
@@ -97,6 +62,8 @@ class AsyncEngine:
         self.num_waiting = 0  # arrived, not yet in a step (waiting for a slot or the scheduler)
         self.num_waiting_tokens = 0  # their prompt tokens
         self.step_started: float | None = None  # monotonic start of the step in flight
+        self.request_timeout = request_timeout
+        self.queue_timeout = queue_timeout
 
     @property
     def outstanding(self) -> int:
@@ -142,13 +109,15 @@ class AsyncEngine:
         if self.dead:
             raise EngineDeadError(self.dead)
         seq = Sequence(next(self._ids), request_id, list(prompt_token_ids), params)
-        stream = _Stream(seq, None)
+        stream = Stream(seq, None)
         self.num_waiting += 1
         self.num_waiting_tokens += seq.num_prompt_tokens
         try:
             self.num_queued += 1
             try:
-                await self._slots.acquire()
+                await asyncio.wait_for(self._slots.acquire(), self._slot_wait(stream))
+            except asyncio.TimeoutError:
+                raise self._timed_out_waiting(stream) from None
             finally:
                 self.num_queued -= 1
             try:
@@ -160,7 +129,7 @@ class AsyncEngine:
             if stream.scheduled_at is None:
                 self._left_waiting(stream)
 
-    async def _run(self, stream: _Stream, detokenize: bool) -> AsyncIterator[RequestOutput]:
+    async def _run(self, stream: Stream, detokenize: bool) -> AsyncIterator[RequestOutput]:
         seq = stream.seq
         try:
             self.scheduler.add(seq)
@@ -184,7 +153,71 @@ class AsyncEngine:
                 log.info("%s aborted: client went away, KV blocks freed", seq.request_id)
                 self._wake.set()
 
-    def _left_waiting(self, stream: _Stream) -> None:
+    def _slot_wait(self, stream: Stream) -> float | None:
+        limits = [t for t in (self.queue_timeout, self.request_timeout) if t is not None]
+        return min(limits) if limits else None
+
+    def _timed_out_waiting(self, stream: Stream) -> Overloaded:
+        waited = time.monotonic() - stream.started
+        self._count_finish("queue_timeout")
+        log.info("%s refused: waited %.1fs without a step", stream.seq.request_id, waited)
+        return Overloaded(
+            "queue_timeout",
+            f"the request waited {waited:.1f}s without starting (--queue-timeout / "
+            f"--request-timeout); retry later",
+        )
+
+    def _expire(self, now: float) -> None:
+        """End the requests whose deadline has passed; their blocks are freed at once."""
+        for stream in list(self._streams.values()):
+            waited = now - stream.started
+            queue_over = self.queue_timeout is not None and waited > self.queue_timeout
+            if stream.scheduled_at is None and queue_over:
+                reason = "queue_timeout"
+            elif self.request_timeout is not None and waited > self.request_timeout:
+                reason = "timeout"
+            else:
+                continue
+            if not self.scheduler.abort(stream.seq.seq_id, reason=reason):
+                continue  # finished in this very step
+            if reason == "timeout":
+                self._end(stream, now)
+            else:
+                stream.queue.put_nowait(self._timed_out_waiting(stream))
+
+    def _end(self, stream: Stream, now: float) -> None:
+        """The final output of a request the engine itself ended (its deadline)."""
+        seq = stream.seq
+        self._count_finish(seq.finish_reason)
+        log.info(
+            "%s finished: %s after %.1fs, output %d tokens, KV blocks freed",
+            seq.request_id,
+            seq.finish_reason,
+            now - stream.started,
+            seq.num_output_tokens,
+        )
+        if self.metrics is not None:
+            self.metrics.finished(
+                seq.finish_reason,
+                seq.num_prompt_tokens,
+                seq.num_output_tokens,
+                now - stream.started,
+            )
+        stream.queue.put_nowait(
+            RequestOutput(
+                text=stream.detok.flush() if stream.detok is not None else "",
+                token_ids=[],
+                finished=True,
+                finish_reason=seq.finish_reason,
+                num_prompt_tokens=seq.num_prompt_tokens,
+                num_output_tokens=seq.num_output_tokens,
+                num_cached_tokens=seq.num_cached_prompt_tokens,
+                num_draft_proposed=seq.num_draft_proposed,
+                num_draft_accepted=seq.num_draft_accepted,
+            )
+        )
+
+    def _left_waiting(self, stream: Stream) -> None:
         self.num_waiting -= 1
         self.num_waiting_tokens -= stream.seq.num_prompt_tokens
 
@@ -214,6 +247,8 @@ class AsyncEngine:
                 t1 = time.perf_counter()
                 updates = self.scheduler.update(plan, result, t1 - started)
                 self._publish(updates)
+                if self.request_timeout is not None or self.queue_timeout is not None:
+                    self._expire(time.monotonic())
                 if plan.seqs:
                     tm = self.times
                     tm.steps += 1
@@ -272,7 +307,7 @@ class AsyncEngine:
                 if stream.detok.stopped_on is not None and not seq.is_finished:
                     # Several tokens can arrive at once (lookahead): those after the stop
                     # string never happened, as in plain decoding.
-                    _drop_after_stop(u, seq, stream.detok.num_taken)
+                    drop_after_stop(u, seq, stream.detok.num_taken)
                     self.scheduler.abort(seq.seq_id, reason="stop")
                 if seq.is_finished:
                     text += stream.detok.flush()
@@ -356,15 +391,3 @@ class AsyncEngine:
             "steps": self.times.summary(),
             "dead": self.dead,
         }
-
-
-def _drop_after_stop(u: SeqUpdate, seq: Sequence, taken: int) -> None:
-    extra = len(u.new_token_ids) - taken
-    if extra <= 0:
-        return
-    del seq.token_ids[-extra:]
-    u.new_token_ids = u.new_token_ids[:taken]
-    if u.logprobs is not None:
-        u.logprobs = u.logprobs[:taken]
-    if u.top_logprobs is not None:
-        u.top_logprobs = u.top_logprobs[:taken]

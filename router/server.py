@@ -77,6 +77,8 @@ async def build_context(s: RouterSettings, metrics: Metrics | None = None) -> Se
                 metrics.group(len(engines)) if metrics is not None else None,
                 max_waiting_requests=s.max_waiting_requests or None,
                 max_waiting_tokens=s.max_waiting_tokens or None,
+                request_timeout=s.request_timeout or None,
+                queue_timeout=s.queue_timeout or None,
             )
         )
     engine = EnginePool(engines)

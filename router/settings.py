@@ -29,6 +29,8 @@ class RouterSettings:
     max_waiting_tokens: int = 262144
     stuck_step_timeout: float = 60.0
     shutdown_timeout: float = 30.0
+    request_timeout: float = 0.0  # 0: none
+    queue_timeout: float = 0.0
     scheduler: str = "continuous"  # or "dynamic-batching" (the DeepSpeed image's)
     max_batch_size: int = 16
     batch_wait_timeout: float = 0.1

@@ -203,19 +203,8 @@ class AsyncEngine:
                 seq.num_output_tokens,
                 now - stream.started,
             )
-        stream.queue.put_nowait(
-            RequestOutput(
-                text=stream.detok.flush() if stream.detok is not None else "",
-                token_ids=[],
-                finished=True,
-                finish_reason=seq.finish_reason,
-                num_prompt_tokens=seq.num_prompt_tokens,
-                num_output_tokens=seq.num_output_tokens,
-                num_cached_tokens=seq.num_cached_prompt_tokens,
-                num_draft_proposed=seq.num_draft_proposed,
-                num_draft_accepted=seq.num_draft_accepted,
-            )
-        )
+        text = stream.detok.flush() if stream.detok is not None else ""
+        stream.queue.put_nowait(_output(seq, text, []))
 
     def _left_waiting(self, stream: Stream) -> None:
         self.num_waiting -= 1
@@ -332,18 +321,12 @@ class AsyncEngine:
                         reason, seq.num_prompt_tokens, seq.num_output_tokens, now - stream.started
                     )
             stream.queue.put_nowait(
-                RequestOutput(
-                    text=text,
-                    token_ids=u.new_token_ids,
+                _output(
+                    seq,
+                    text,
+                    u.new_token_ids,
                     logprobs=u.logprobs,
                     top_logprobs=u.top_logprobs,
-                    finished=seq.is_finished,
-                    finish_reason=seq.finish_reason,
-                    num_prompt_tokens=seq.num_prompt_tokens,
-                    num_output_tokens=seq.num_output_tokens,
-                    num_cached_tokens=seq.num_cached_prompt_tokens,
-                    num_draft_proposed=seq.num_draft_proposed,
-                    num_draft_accepted=seq.num_draft_accepted,
                     prompt_logprobs=prompt_lp,
                     prompt_top_logprobs=prompt_top,
                 )
@@ -391,3 +374,19 @@ class AsyncEngine:
             "steps": self.times.summary(),
             "dead": self.dead,
         }
+
+
+def _output(seq: Sequence, text: str, token_ids: list[int], **extra) -> RequestOutput:
+    """A request's output now: its new text and tokens, with the sequence's running counts."""
+    return RequestOutput(
+        text=text,
+        token_ids=token_ids,
+        finished=seq.is_finished,
+        finish_reason=seq.finish_reason,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_output_tokens=seq.num_output_tokens,
+        num_cached_tokens=seq.num_cached_prompt_tokens,
+        num_draft_proposed=seq.num_draft_proposed,
+        num_draft_accepted=seq.num_draft_accepted,
+        **extra,
+    )

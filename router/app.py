@@ -148,30 +148,28 @@ class Router:
             }
         )
 
-    def _stuck(self) -> dict | None:
-        seconds = self.ctx.engine.stuck_for()
-        if seconds <= self.stuck_step_timeout:
-            return None
-        return {"status": "stuck", "step_seconds": round(seconds, 1)}
+    def _failing(self) -> dict | None:
+        """Why a loaded server is not alive (a dead pool, a stuck step), or None."""
+        engine = self.ctx.engine
+        if engine.dead:
+            return {"status": "dead", "reason": engine.dead}
+        seconds = engine.stuck_for()
+        if seconds > self.stuck_step_timeout:
+            return {"status": "stuck", "step_seconds": round(seconds, 1)}
+        return None
 
     async def live(self, request: Request) -> Response:
         if self.ctx is None:
             return json_response({"status": "loading"})  # alive: loading is progress
-        if self.ctx.engine.dead:
-            return json_response({"status": "dead", "reason": self.ctx.engine.dead}, 503)
-        stuck = self._stuck()
-        return json_response(stuck, 503) if stuck else json_response({"status": "ok"})
+        failing = self._failing()
+        return json_response(failing, 503) if failing else json_response({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
         if self.ctx is None:
             return json_response({"status": "loading"}, 503)
-        if self.ctx.engine.dead:
-            return json_response({"status": "dead", "reason": self.ctx.engine.dead}, 503)
-        stuck = self._stuck()
-        if stuck:
-            return json_response(stuck, 503)
-        if self.draining:
-            return json_response({"status": "draining"}, 503)
+        failing = self._failing() or ({"status": "draining"} if self.draining else None)
+        if failing:
+            return json_response(failing, 503)
         dead_groups = self.ctx.engine.dead_groups
         if dead_groups:  # degraded: the other worker groups still serve
             return json_response({"status": "ok", "dead_worker_groups": dead_groups})

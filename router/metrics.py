@@ -135,7 +135,7 @@ class _LiveState:
         families = {
             "running": gauge("num_requests_running", "requests in the running batch"),
             "waiting": gauge(
-                "num_requests_waiting", "requests waiting for a slot or their first step"
+                "num_requests_waiting", "requests waiting for a slot or a step (incl. pre-empted)"
             ),
             "waiting_tokens": gauge("num_waiting_prompt_tokens", "prompt tokens waiting"),
             "usage": gauge("kv_cache_usage_perc", "share of KV blocks in use (0-1)"),

@@ -9,6 +9,7 @@ import logging
 import torch
 
 from layers.attention.backend import Attention, select_backend
+from layers.quant import int8
 from layers.rotary import rope_type
 from shards import kv_cache
 from shards.compiled_decode import COMPILED_MODES, CompiledDecode
@@ -157,6 +158,7 @@ class Worker:
             log.info("decode steps run eagerly: not compiled with %s", why_eager)
         elif compiled:  # now, rather than on the first request that needs each batch size
             self.runner.compiled.warm_up()
+            int8.warm_up(self.model)  # the int8 GEMM of prompt chunks and larger batches
         log.info(
             "shard %d/%d of group %d ready: %s %s on %s, %s attention, "
             "%d KV blocks of %d tokens (%.2f GiB)",

@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from layers.linear import ColumnParallelLinear, RowParallelLinear
-from layers.quant.int8 import QMAX, Int8WeightOnly, int8_matmul_available, quantize_rows
+from layers.quant.int8 import (
+    COMPILED_TWO_PASS,
+    QMAX,
+    Int8WeightOnly,
+    int8_matmul_available,
+    quantize_rows,
+)
 from layers.quant.registry import QuantConfigError, get_quant_mode
 from tests.tiny import build_hf_model, make_worker, our_logits, save_checkpoint, tiny_config
 from tests.tp_helpers import tp_logits
@@ -54,22 +60,43 @@ def test_ifq_reference_layer_is_within_the_rounding_bound():
 
 
 @needs_int8_gemm
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("rows", [1, 16, 300])
-def test_ifq_fast_path_agrees_with_the_reference(rows):
+def test_ifq_fast_path_agrees_with_the_reference(rows, compiled):
     # The fast path rounds each token twice onto its int8 grid: what is left of an activation is
     # at most half a step of the second grid, |x|max / 127 / 254, times the row's |W| sum. The
-    # outlier channel (40x) sets the grid, so small entries lose the most.
+    # outlier channel (40x) sets the grid, so small entries lose the most. 300 rows take the
+    # eager path's 128-row slices, and the compiled path's symbolic row count.
     w = torch.randn(192, 576, generator=_gen(5))
     x = torch.randn(rows, 576, generator=_gen(6)) * torch.rand(rows, 1, generator=_gen(7)) * 10
     x[:, 3] *= 40  # an outlier channel, as LLM activations have
-    fast, ref = _linear(Int8WeightOnly(fast=True), w), _linear(Int8WeightOnly(fast=False), w)
+    fast = _linear(Int8WeightOnly(fast=True, compiled=compiled), w)
+    ref = _linear(Int8WeightOnly(fast=False), w)
     assert fast.int8_gemm
+    assert COMPILED_TWO_PASS.failed is None
     assert torch.equal(fast.quant.dequantized(fast), ref.quant.dequantized(ref))
     y_fast, y_ref = fast(x), ref(x)
     w_sum = ref.quant.dequantized(ref).abs().sum(1)
     bound = x.abs().amax(1, keepdim=True) / (QMAX * 2 * QMAX) * w_sum + 1e-4  # + float32 sums
     assert torch.all((y_fast - y_ref).abs() <= bound)
     assert not torch.equal(y_fast, y_ref)  # the activations really were rounded
+
+
+@needs_int8_gemm
+def test_a_failed_int8_compile_falls_back_to_eager(monkeypatch):
+    w = torch.randn(64, 128, generator=_gen(8))
+    x = torch.randn(5, 128, generator=_gen(9))
+    eager = _linear(Int8WeightOnly(fast=True), w)(x)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(COMPILED_TWO_PASS, "fn", broken)
+    monkeypatch.setattr(COMPILED_TWO_PASS, "failed", None)
+    compiled = _linear(Int8WeightOnly(fast=True, compiled=True), w)
+    assert torch.equal(compiled(x), eager)
+    assert "no C++ compiler" in COMPILED_TWO_PASS.failed
+    assert torch.equal(compiled(x), eager)  # and from then on, without trying again
 
 
 def test_row_parallel_scales_are_row_maxima_over_127():

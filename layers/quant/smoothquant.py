@@ -140,7 +140,7 @@ class SmoothQuantW8A8(QuantMode):
         if fused_gemv_fits(xs):
             y = fused_gemv(xs, layer.qweight.to(xs.dtype)) * layer.weight_scale
         elif layer.int8_gemm:
-            y = int8_two_pass(xs, layer.qweight) * layer.weight_scale
+            y = int8_two_pass(xs, layer.qweight, layer.weight_scale, self.compiled)
         else:
             # A row-parallel rank holds a slice of each token: the token's scale is the maximum
             # over all ranks, so every TP size rounds every activation alike.

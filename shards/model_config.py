@@ -38,6 +38,7 @@ class ModelConfig:
     bos_token_id: int | None
     checkpoint_dtype: str | None
     rope_interleaved: bool = False  # rotary pairs are neighbouring dims (GLM), not halves
+    alibi: bool = False  # ALiBi attention biases instead of rotary (Baichuan 13B)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -125,14 +126,12 @@ def _qwen_v1(raw: dict, source: str) -> dict:
 
 def _baichuan(raw: dict, source: str) -> dict:
     """Baichuan's 13B models replace rotary embeddings with ALiBi biases; their configs say so
-    only by size (hidden 5,120: the rule vLLM uses too)."""
-    archs = raw.get("architectures") or []
-    if archs and archs[0] == "BaichuanForCausalLM" and raw.get("hidden_size") != 4096:
-        raise ModelConfigError(
-            f"{source}: Baichuan 13B models (hidden size {raw.get('hidden_size')}) use ALiBi "
-            "attention, which is not supported yet; Baichuan-7B and Baichuan2-7B are"
-        )
+    only by size (hidden 5,120 where the 7B models have 4,096: the rule vLLM uses too)."""
     out = dict(raw)
+    archs = raw.get("architectures") or []
+    out["alibi"] = (
+        bool(archs) and archs[0] == "BaichuanForCausalLM" and raw.get("hidden_size") != 4096
+    )
     out.setdefault("max_position_embeddings", raw.get("model_max_length", 4096))
     return out
 
@@ -220,6 +219,7 @@ def _from_dict(raw: dict, generation: dict | None, source: str) -> ModelConfig:
         bos_token_id=raw.get("bos_token_id"),
         checkpoint_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         rope_interleaved=bool(raw.get("rope_interleaved", False)),
+        alibi=raw.get("model_type") == "baichuan" and bool(raw.get("alibi")),
         extra=raw,
     )
 

@@ -51,11 +51,15 @@ def as_qwen_v1(hf, folder):
     return folder
 
 
-def as_baichuan(hf, folder, raw_head: torch.Tensor):
+def as_baichuan(hf, folder, raw_head: torch.Tensor, alibi: bool = False):
+    """A Baichuan-7B layout, or with `alibi` a 13B one (its architecture name and a hidden size
+    other than 7B's 4,096 are what tell the two apart)."""
     c = hf.config
     folder.mkdir(parents=True)
+    arch = "BaichuanForCausalLM" if alibi else "BaiChuanForCausalLM"
+    assert c.hidden_size != 4096
     (folder / "config.json").write_text(json.dumps({
-        "architectures": ["BaiChuanForCausalLM"], "model_type": "baichuan",
+        "architectures": [arch], "model_type": "baichuan",
         "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
         "num_attention_heads": c.num_attention_heads, "num_hidden_layers": c.num_hidden_layers,
         "rms_norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size, "model_max_length": 256,

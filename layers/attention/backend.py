@@ -28,10 +28,12 @@ class AttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim].
         Writes k, v into the cache at `meta.slot_mapping`, then attends each token to its
-        sequence's cached and new keys (causally). Returns [num_tokens, heads, head_dim]."""
+        sequence's cached and new keys (causally), with ALiBi biases when `alibi_slopes`
+        ([heads], float32) is given. Returns [num_tokens, heads, head_dim]."""
         raise NotImplementedError
 
 
@@ -79,6 +81,7 @@ class Attention(nn.Module):
         scale: float,
         backend: AttentionBackend,
         sliding_window: int | None = None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.local_num_heads = local_num_heads
@@ -87,9 +90,13 @@ class Attention(nn.Module):
         self.scale = scale
         self.backend = backend
         self.sliding_window = sliding_window
+        # A buffer, so a compiled step reads it as a graph input (layers/attention/alibi.py)
+        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
 
     def forward(self, q, k, v, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         # q: [num_tokens, local_num_heads, head_dim]; k, v: [num_tokens, local_num_kv_heads,
         # head_dim] -> [num_tokens, local_num_heads * head_dim]
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
+        out = self.backend.forward(
+            q, k, v, kv_cache, meta, self.scale, self.sliding_window, self.alibi_slopes
+        )
         return out.reshape(q.shape[0], self.local_num_heads * self.head_dim)

@@ -53,6 +53,7 @@ class FlashAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         assert kv_cache[0].shape[1] % REQUIRED_BLOCK_MULTIPLE == 0, "flash-attn paged block size"
         write_kv(kv_cache, k, v, meta.slot_mapping)
@@ -70,5 +71,6 @@ class FlashAttentionBackend(AttentionBackend):
             softmax_scale=scale,
             causal=True,
             window_size=window,
+            alibi_slopes=alibi_slopes,  # float32 [heads]: slope x (key - query position) added
             block_table=tables,
         )

@@ -20,10 +20,12 @@ def paged_decode_attention(
     positions: torch.Tensor,
     scale: float,
     sliding_window: int | None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [s, heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim];
     block_ids: [s, width] (padded with the null block); positions: [s], the query's position,
-    whose own K/V are already in the cache. Returns [s, heads, head_dim]."""
+    whose own K/V are already in the cache; alibi_slopes: [heads] or None.
+    Returns [s, heads, head_dim]."""
     s, heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
@@ -35,6 +37,9 @@ def paged_decode_attention(
     ok = key_pos[None, :] <= positions[:, None]  # [s, ctx]
     if sliding_window is not None:
         ok = ok & (key_pos[None, :] > positions[:, None] - sliding_window)
+    if alibi_slopes is not None:  # slope x distance, per query head
+        dist = (key_pos[None, :] - positions[:, None]).to(scores.dtype)  # [s, ctx]
+        scores = scores + dist[:, :, None, None] * alibi_slopes.view(kv_heads, group)
     scores = scores.masked_fill(~ok[:, :, None, None], float("-inf"))
     probs = torch.softmax(scores.float(), dim=1).to(q.dtype)
     out = (probs[..., None] * values).sum(1)  # [s, kv_heads, group, d]

@@ -3,7 +3,8 @@ and the CUDA one where flash-attn is missing.
 
 Single-token queries (decodes) are batched: their blocks are gathered into one padded
 [num_single, kv_heads, max_len, head_dim] tensor and masked. Multi-token chunks run one SDPA
-each; a chunk with no cached prefix attends to its own k/v without touching the cache.
+each; a chunk with no cached prefix attends to its own k/v without touching the cache. With
+ALiBi the boolean masks become additive biases (layers/attention/alibi.py).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from layers.attention.alibi import alibi_bias
 from layers.attention.backend import AttentionBackend, KVCache, write_kv
 from layers.attention.metadata import AttentionMetadata
 from layers.attention.paged_decode import paged_decode_attention
-from layers.attention.tree import tree_mask
+from layers.attention.tree import tree_depths, tree_mask
 
 
 def _window_ok(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -33,8 +35,8 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
 class TorchSDPABackend(AttentionBackend):
     name = "torch-sdpa"
 
-    def _single(self, meta: AttentionMetadata, device, window: int | None):
-        key = ("single", window)
+    def _single(self, meta: AttentionMetadata, device, window: int | None, alibi):
+        key = ("single", window, None if alibi is None else alibi.data_ptr())
         if key not in meta.cache:
             if meta.decode_inputs is None:
                 layout = meta.layout
@@ -48,12 +50,18 @@ class TorchSDPABackend(AttentionBackend):
                 )
             block_ids, positions = meta.decode_inputs
             key_pos = torch.arange(block_ids.shape[1] * meta.layout.block_size, device=device)
-            mask = _window_ok(key_pos[None, :], positions[:, None], window)
-            meta.cache[key] = (block_ids, mask[:, None, None, :])  # mask: [s, 1, 1, max_len]
+            ok = _window_ok(key_pos[None, :], positions[:, None], window)  # [s, max_len]
+            if alibi is None:
+                mask = ok[:, None, None, :]  # [s, 1, 1, max_len]
+            else:  # [s, heads, 1, max_len]
+                mask = alibi_bias(
+                    alibi, positions[:, None], key_pos[None, :], ok[:, None], alibi.dtype
+                )
+            meta.cache[key] = (block_ids, mask)
         return meta.cache[key]
 
-    def _chunk(self, meta: AttentionMetadata, i: int, device, window: int | None):
-        key = ("chunk", i, window)
+    def _chunk(self, meta: AttentionMetadata, i: int, device, window: int | None, alibi):
+        key = ("chunk", i, window, None if alibi is None else alibi.data_ptr())
         if key not in meta.cache:
             layout = meta.layout
             start, n = layout.start_positions[i], layout.query_lens[i]
@@ -61,12 +69,16 @@ class TorchSDPABackend(AttentionBackend):
             nb = -(-ctx // layout.block_size)
             block_ids = torch.tensor(layout.block_tables[i][:nb], dtype=torch.long, device=device)
             tree = layout.draft_parents[i] if layout.draft_parents else None
+            key_pos = torch.arange(ctx, device=device)
             if tree is not None:
                 mask = tree_mask(tree, start, window, device)
+                query_pos = start + torch.tensor(tree_depths(tree), device=device)
+                key_pos = torch.cat([key_pos[:start], query_pos])  # tree slots hold their nodes
             else:
-                query_pos = torch.arange(start, ctx, device=device)[:, None]
-                key_pos = torch.arange(ctx, device=device)[None, :]
-                mask = _window_ok(key_pos, query_pos, window)
+                query_pos = torch.arange(start, ctx, device=device)
+                mask = _window_ok(key_pos[None, :], query_pos[:, None], window)
+            if alibi is not None:  # [heads, n, ctx]
+                mask = alibi_bias(alibi, query_pos, key_pos, mask, alibi.dtype)
             meta.cache[key] = (block_ids, mask)  # [n, ctx]
         return meta.cache[key]
 
@@ -79,6 +91,7 @@ class TorchSDPABackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         write_kv(kv_cache, k, v, meta.slot_mapping)
         k_cache, v_cache = kv_cache
@@ -90,10 +103,10 @@ class TorchSDPABackend(AttentionBackend):
             # A compiled decode step (shards/compiled_decode.py): all rows are single tokens.
             block_ids, positions = meta.decode_inputs
             out[:s] = paged_decode_attention(
-                q[:s], k_cache, v_cache, block_ids, positions, scale, sliding_window
+                q[:s], k_cache, v_cache, block_ids, positions, scale, sliding_window, alibi_slopes
             )
         elif s:
-            block_ids, mask = self._single(meta, q.device, sliding_window)
+            block_ids, mask = self._single(meta, q.device, sliding_window, alibi_slopes)
             keys = _gather(k_cache, block_ids).view(s, -1, kv_heads, head_dim).transpose(1, 2)
             values = _gather(v_cache, block_ids).view(s, -1, kv_heads, head_dim).transpose(1, 2)
             if q.is_cuda:
@@ -101,6 +114,8 @@ class TorchSDPABackend(AttentionBackend):
                 # unfused math). One query per sequence: each KV head's group of query heads
                 # becomes that head's query rows, all at the same position, so no GQA is left.
                 qg = q[:s].view(s, kv_heads, -1, head_dim)  # [s, kv_heads, group, head_dim]
+                if alibi_slopes is not None:  # per query head: [s, kv_heads, group, max_len]
+                    mask = mask.view(s, kv_heads, -1, mask.shape[-1])
                 o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
                 out[:s] = o.reshape(s, -1, head_dim)
             else:
@@ -112,7 +127,8 @@ class TorchSDPABackend(AttentionBackend):
         for i in range(s, len(layout.query_lens)):
             start, n = layout.start_positions[i], layout.query_lens[i]
             qc = q[token : token + n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
-            if start == 0 and sliding_window is None and not layout.draft_parents:
+            plain = sliding_window is None and alibi_slopes is None and not layout.draft_parents
+            if start == 0 and plain:
                 keys = k[token : token + n].transpose(0, 1).unsqueeze(0)
                 values = v[token : token + n].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(
@@ -124,7 +140,7 @@ class TorchSDPABackend(AttentionBackend):
                     enable_gqa=True,
                 )
             else:
-                block_ids, mask = self._chunk(meta, i, q.device, sliding_window)
+                block_ids, mask = self._chunk(meta, i, q.device, sliding_window, alibi_slopes)
                 ctx = start + n
                 keys = (
                     _gather(k_cache, block_ids).view(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)

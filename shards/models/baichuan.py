@@ -1,5 +1,7 @@
-"""Baichuan-7B and Baichuan2-7B (`BaiChuanForCausalLM`, `BaichuanForCausalLM`): the Llama block
-with Q, K and V fused in one `W_pack` tensor, loaded without the checkpoint's own code.
+"""Baichuan / Baichuan2, 7B and 13B (`BaiChuanForCausalLM`, `BaichuanForCausalLM`): the Llama
+block with Q, K and V fused in one `W_pack` tensor, loaded without the checkpoint's own code.
+The 13B models position tokens by ALiBi attention biases instead of rotary embeddings
+(`ModelConfig.alibi`, layers/attention/alibi.py); their layout is otherwise the 7B one.
 
 Baichuan2's LM head is a `NormHead`: its rows are scaled to unit length before the matmul. The
 checkpoint stores them unscaled, so they are normalized once after loading. Baichuan2 is told

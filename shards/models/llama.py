@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from layers.activation import SiluAndMul
+from layers.attention.alibi import local_slopes
 from layers.attention.backend import Attention, KVCache
 from layers.attention.metadata import AttentionMetadata
 from layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -42,6 +43,11 @@ class LlamaAttention(nn.Module):
             quant=bc.quant(),
             **kw,
         )
+        self.alibi = cfg.alibi  # no rotary: ALiBi biases in attention position the tokens
+        slopes = None
+        if cfg.alibi:
+            local = self.qkv_proj.local_num_heads
+            slopes = local_slopes(cfg.num_attention_heads, bc.pctx.rank, local, bc.device)
         self.attn = Attention(
             self.qkv_proj.local_num_heads,
             self.qkv_proj.local_num_kv_heads,
@@ -49,6 +55,7 @@ class LlamaAttention(nn.Module):
             scale=cfg.head_dim**-0.5,
             backend=bc.backend,
             sliding_window=cfg.sliding_windows[layer_idx],
+            alibi_slopes=slopes,
         )
 
     def forward(self, rope, cos, sin, h, kv_cache: KVCache, meta: AttentionMetadata):
@@ -56,7 +63,9 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(h).view(t, -1, self.head_dim)  # [t, heads + 2 * kv_heads, head_dim]
         num_q = self.qkv_proj.local_num_heads
         num_kv = self.qkv_proj.local_num_kv_heads
-        qk = rope.rotate(qkv[:, : num_q + num_kv], cos, sin)  # q and k rotate as one tensor
+        qk = qkv[:, : num_q + num_kv]
+        if not self.alibi:
+            qk = rope.rotate(qk, cos, sin)  # q and k rotate as one tensor
         q, k, v = qk[:, :num_q], qk[:, num_q:], qkv[:, num_q + num_kv :]
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 

@@ -60,17 +60,19 @@ class Server:
         end = time.monotonic() + deadline
         while time.monotonic() < end:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs(5000)}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"server not ready in {deadline}s:\n{self.logs()}")
+        raise RuntimeError(f"server not ready in {deadline}s:\n{self.logs(5000)}")
 
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path else ""
+    def logs(self, tail: int | None = None) -> str:
+        """The server's whole log (or its last `tail` characters, for error messages)."""
+        text = self.log_path.read_text(errors="replace") if self.log_path else ""
+        return text[-tail:] if tail else text
 
     def stats(self, **kw) -> dict:
         return httpx.get(f"{self.url}/stats", timeout=10, **kw).json()

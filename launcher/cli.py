@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import sys
+
+from launcher import logs
 
 # name → (module, function, help); imported only when run, so `serve` never loads a benchmark
 COMMANDS = {
@@ -71,9 +72,7 @@ def write_report(text: str, report: dict, json_path: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure()
     command = "serve"
     if argv and not argv[0].startswith("-"):
         command = argv.pop(0)

@@ -247,6 +247,13 @@ class Config:
         "second signal stops at once",
         parse=float,
     )
+    log_format: str = opt(
+        "--log-format",
+        "LOG_FORMAT",
+        "text",
+        "text, or json: one JSON object per log line, with request ids and counts as fields",
+        choices=["text", "json"],
+    )
     stuck_step_timeout: float = opt(
         "--stuck-step-timeout",
         "STUCK_STEP_TIMEOUT",

@@ -81,7 +81,14 @@ def _convert(gguf: Path, out: Path) -> None:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    steps = tqdm(total=4, desc=f"converting {EMBEDDED_NAME} (once)", unit="step")
+    from launcher import logs
+
+    steps = tqdm(
+        total=4,
+        desc=f"converting {EMBEDDED_NAME} (once)",
+        unit="step",
+        disable=not logs.progress_bars(),
+    )
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     steps.update(1)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from launcher import logs
 from launcher.config import Config, ConfigError, load_config
 from launcher.groups import group_specs, shard_argv, socket_path
 from launcher.model_resolution import ResolvedModel, resolve_model
@@ -260,6 +261,7 @@ def _spawn_group(specs: list[ShardSpec], socket_dir: str) -> list[Child]:
 def serve(argv: list[str] | None = None) -> int:
     try:
         config = load_config(argv)
+        logs.configure(config.log_format)  # the processes started below inherit it
         _note_no_effect(config)
         model = resolve_model(config)
         socket_dir = tempfile.mkdtemp(prefix="shardserve-")

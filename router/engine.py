@@ -150,7 +150,11 @@ class AsyncEngine:
             self._streams.pop(seq.seq_id, None)
             if not seq.is_finished and self.scheduler.abort(seq.seq_id):
                 self._count_finish("abort")
-                log.info("%s aborted: client went away, KV blocks freed", seq.request_id)
+                log.info(
+                    "%s aborted: client went away, KV blocks freed",
+                    seq.request_id,
+                    extra={"request_id": seq.request_id, "event": "aborted"},
+                )
                 self._wake.set()
 
     def _slot_wait(self, stream: Stream) -> float | None:
@@ -160,7 +164,13 @@ class AsyncEngine:
     def _timed_out_waiting(self, stream: Stream) -> Overloaded:
         waited = time.monotonic() - stream.started
         self._count_finish("queue_timeout")
-        log.info("%s refused: waited %.1fs without a step", stream.seq.request_id, waited)
+        rid = stream.seq.request_id
+        log.info(
+            "%s refused: waited %.1fs without a step",
+            rid,
+            waited,
+            extra={"request_id": rid, "event": "queue_timeout", "queue_s": round(waited, 3)},
+        )
         return Overloaded(
             "queue_timeout",
             f"the request waited {waited:.1f}s without starting (--queue-timeout / "
@@ -195,6 +205,7 @@ class AsyncEngine:
             seq.finish_reason,
             now - stream.started,
             seq.num_output_tokens,
+            extra=_summary(seq, stream, now),
         )
         if self.metrics is not None:
             self.metrics.finished(
@@ -315,6 +326,7 @@ class AsyncEngine:
                     queued,
                     stream.first_token_at - stream.started,
                     now - stream.started,
+                    extra=_summary(seq, stream, now),
                 )
                 if self.metrics is not None:
                     self.metrics.finished(
@@ -390,3 +402,20 @@ def _output(seq: Sequence, text: str, token_ids: list[int], **extra) -> RequestO
         num_draft_accepted=seq.num_draft_accepted,
         **extra,
     )
+
+
+def _summary(seq, stream: Stream, now: float) -> dict:
+    """A finished request's account, as fields of its log line (structured logs)."""
+    first = stream.first_token_at
+    queued = (stream.scheduled_at or now) - stream.started
+    return {
+        "request_id": seq.request_id,
+        "event": "finished",
+        "finish_reason": seq.finish_reason,
+        "prompt_tokens": seq.num_prompt_tokens,
+        "cached_tokens": seq.num_cached_prompt_tokens,
+        "output_tokens": seq.num_output_tokens,
+        "queue_s": round(queued, 4),
+        "ttft_s": None if first is None else round(first - stream.started, 4),
+        "total_s": round(now - stream.started, 4),
+    }

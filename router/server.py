@@ -23,6 +23,7 @@ import sys
 import orjson
 import uvicorn
 
+from launcher import logs
 from router.app import Router, create_app
 from router.block_allocator import BlockAllocator
 from router.completions import ServingContext
@@ -205,12 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         description=f"shardserve router process; reads RouterSettings JSON from ${SETTINGS_ENV}"
     )
     parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure()
     s = RouterSettings.from_dict(orjson.loads(os.environ.pop(SETTINGS_ENV)))
     app = make_app(s)
-    config = uvicorn.Config(app, host=s.host, port=s.port, log_level="warning", access_log=False)
+    # log_config=None: uvicorn's loggers reach the handler set above, in its format
+    config = uvicorn.Config(
+        app, host=s.host, port=s.port, log_level="warning", access_log=False, log_config=None
+    )
     DrainingServer(config, app.state.router, s.shutdown_timeout).run()
     return 0
 

@@ -17,6 +17,8 @@ import time
 from torch import nn
 from tqdm import tqdm
 
+from launcher import logs
+
 from layers.linear import INPUT_VECTOR, WHOLE, ParallelLinear, Split
 from shards.checkpoint import CheckpointReader
 
@@ -56,6 +58,7 @@ def load_weights(model: nn.Module, folder: str, progress: bool = True) -> dict:
     started = time.monotonic()
     num_bytes = 0
     num_tensors = 0
+    progress = progress and logs.progress_bars()
     bar = tqdm(desc="loading weights", unit="tensor", disable=not progress, mininterval=1.0)
     for file, name, handle in reader.tensors():
         bar.update(1)

@@ -21,6 +21,7 @@ import sys
 
 import orjson
 
+from launcher import logs
 from shards.distributed import PlanChannel, leave_group
 from shards.wire import ShardSpec, StepPlan, recv_frame, send_frame, to_dict
 
@@ -134,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", default=None, help="unix socket (rank 0 only)")
     parser.add_argument("--spec", required=True, help="ShardSpec as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure()
     return serve(args.socket, ShardSpec.from_dict(orjson.loads(args.spec)))
 
 

@@ -8,13 +8,15 @@ wait past the bounds (--max-waiting-requests, --max-waiting-tokens) gets 429 wit
 Health: `/health/live` is 200 while the process is up and its step loop advances or idles (503
 once a step has run past --stuck-step-timeout, e.g. a hung collective, or every worker group
 is dead); `/health/ready` is 200 only when loaded, answering, not stuck and not draining after
-a stop signal; `/health` is readiness (the spec's health check).
+a stop signal; `/health` is readiness (the spec's health check). `/` is the chat page
+(router/web/chat.html).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+from pathlib import Path
 
 import orjson
 from pydantic import ValidationError
@@ -34,6 +36,9 @@ from router.streams import EngineDeadError, Overloaded
 log = logging.getLogger("shardserve.app")
 
 MAX_BODY_BYTES = 16 * 2**20
+# The "online experience": a chat page that calls the API like any client (so it works with
+# API keys set: it asks for one). Static, no build step.
+CHAT_PAGE = (Path(__file__).parent / "web" / "chat.html").read_bytes()
 # Seconds a refused client is told to wait: requests drain in about a step's worth of seconds,
 # and a client that comes back sooner is refused again at no cost to anyone else.
 RETRY_AFTER_S = 1
@@ -175,6 +180,11 @@ class Router:
             return json_response({"status": "ok", "dead_worker_groups": dead_groups})
         return json_response({"status": "ok"})
 
+    async def page(self, request: Request) -> Response:
+        return Response(
+            CHAT_PAGE, media_type="text/html; charset=utf-8", headers={"cache-control": "no-cache"}
+        )
+
     async def metrics_text(self, request: Request) -> Response:
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
@@ -207,6 +217,7 @@ def create_app(router: Router, lifespan=None) -> Starlette:
         Route("/health/live", router.live, methods=["GET"]),
         Route("/metrics", router.metrics_text, methods=["GET"]),
         Route("/stats", router.stats, methods=["GET"]),
+        Route("/", router.page, methods=["GET"]),
     ]
     paths = {r.path for r in routes}
     return Starlette(

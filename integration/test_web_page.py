@@ -47,9 +47,11 @@ def _open(browser, server):
     requests = []
     page.on(
         "request",
-        lambda r: requests.append(json.loads(r.post_data))
-        if r.url.endswith("/v1/chat/completions")
-        else None,
+        lambda r: (
+            requests.append(json.loads(r.post_data))
+            if r.url.endswith("/v1/chat/completions")
+            else None
+        ),
     )
     page.goto(server.url + "/")
     return page, requests

@@ -18,7 +18,6 @@ from torch import nn
 from tqdm import tqdm
 
 from launcher import logs
-
 from layers.linear import INPUT_VECTOR, WHOLE, ParallelLinear, Split
 from shards.checkpoint import CheckpointReader
 

@@ -27,6 +27,11 @@ COMMANDS = {
         "main",
         "server benchmark against transformers serve, in one run",
     ),
+    "bench-soak": (
+        "launcher.bench_soak",
+        "main",
+        "long steady load at concurrency 64: failures and memory growth",
+    ),
     "bench-quant": (
         "launcher.bench_quant",
         "main",

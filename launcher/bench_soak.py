@@ -38,16 +38,25 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of `pid` and every process below it."""
-    total = 0
+def process_rss(pid: int) -> dict[str, int]:
+    """Resident bytes of `pid` and every process below it, by process (name and pid)."""
+    out = {}
     for p in _descendants(pid):
         try:
             with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * PAGE
+                rss = int(f.read().split()[1]) * PAGE
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
         except OSError:
-            pass  # gone between listing and reading
-    return total
+            continue  # gone between listing and reading
+        module = next((a.decode() for a in argv if a.startswith((b"shards.", b"router."))), None)
+        out[f"{module or 'launcher'} ({p})"] = rss
+    return out
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of `pid` and every process below it."""
+    return sum(process_rss(pid).values())
 
 
 class _Sampler(threading.Thread):
@@ -98,18 +107,20 @@ def main(argv: list[str] | None = None) -> int:
                 progress=False,
             )
             r = asyncio.run(run_bench(cfg))
-            rss = tree_rss(proc.pid)
-            rounds.append({"round": len(rounds), "rss_bytes": rss})
+            by_process = process_rss(proc.pid)
+            rss = sum(by_process.values())
+            rounds.append({"round": len(rounds), "rss_bytes": rss, "by_process": by_process})
             failed += r["requests"]["failed"]
             finished += r["requests"]["ok"]
             tokens += r["output_tokens"]
             log.info(
-                "round %d: %d requests (%d failed), %.1f output tok/s, server RSS %.0f MiB",
+                "round %d: %d requests (%d failed), %.1f output tok/s, server RSS %.0f MiB (%s)",
                 len(rounds),
                 r["requests"]["total"],
                 r["requests"]["failed"],
                 r["output_tokens_per_s"],
                 rss / 2**20,
+                ", ".join(f"{k} {v / 2**20:.0f}" for k, v in by_process.items()),
             )
     finally:
         sampler.done.set()

@@ -15,6 +15,7 @@ from shards import kv_cache
 from shards.compiled_decode import COMPILED_MODES, CompiledDecode
 from shards.cuda_graphs import DecodeGraphs
 from shards.distributed import init_group, min_over_ranks
+from shards.heap import HeapTrimmer
 from shards.loader import load_weights
 from shards.model_config import ModelConfig, check_tensor_parallel, load_model_config
 from shards.models.base import BuildContext
@@ -143,6 +144,7 @@ class Worker:
         )
         self.num_blocks = num_blocks
         self.attention_backend = backend.name
+        self.heap = HeapTrimmer()
         self.runner = ModelRunner(
             self.model,
             caches,
@@ -280,4 +282,6 @@ class Worker:
         )
 
     def execute(self, plan: StepPlan) -> StepResult:
-        return self.runner.execute(plan)
+        result = self.runner.execute(plan)
+        self.heap.step()
+        return result

@@ -9,7 +9,7 @@ import signal
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from integration.conftest import shard_pids, start_server, wait_until
+from integration.conftest import Server, shard_pids, start_server, wait_until
 
 CHAT = "/v1/chat/completions"
 
@@ -53,8 +53,17 @@ def test_a_request_is_counted_in_every_metric(tiny_server):
     assert delta(p + "prompt_tokens_total", **g) == usage["prompt_tokens"]
     assert delta(p + "generation_tokens_total", **g) == 5
     for h in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
-              "request_queue_time_seconds", "request_prompt_tokens"):  # fmt: skip
+              "request_queue_time_seconds", "request_prompt_tokens",
+              "request_inference_time_seconds", "request_prefill_time_seconds",
+              "request_decode_time_seconds", "request_time_per_output_token_seconds"):  # fmt: skip
         assert delta(f"{p}{h}_count", **g) == 1, h
+    # the phases add up: prefill + decode = inference <= end to end
+    phases = delta(p + "request_prefill_time_seconds_sum", **g) + delta(
+        p + "request_decode_time_seconds_sum", **g
+    )
+    inference = delta(p + "request_inference_time_seconds_sum", **g)
+    assert abs(phases - inference) < 1e-6
+    assert inference <= delta(p + "e2e_request_latency_seconds_sum", **g) + 1e-6
     assert delta(p + "request_prompt_tokens_sum", **g) == usage["prompt_tokens"]
     assert delta(p + "inter_token_latency_seconds_count", **g) == 4  # 5 tokens, 4 gaps
     assert delta(p + "step_duration_seconds_count", **g) >= 5  # a prefill and 4 decodes, or more
@@ -129,6 +138,41 @@ def test_past_the_waiting_bound_requests_get_429_and_nothing_is_lost(tmp_path_fa
         assert value(m, "shardserve:http_requests_total", route=CHAT, status=429) == 1
     finally:
         server.stop()
+
+
+def test_while_loading_live_is_200_and_ready_503(tmp_path_factory, tiny_folder):
+    """The shard is paused as soon as it exists, so it cannot finish loading until let go."""
+    folder = tmp_path_factory.mktemp("loading") / "model"
+    shutil.copytree(tiny_folder, folder)
+    log = tmp_path_factory.mktemp("server-loading") / "server.log"
+    server = Server(["--model-path", str(folder), "--kv-cache-memory", "64MiB"], None, log)
+    try:
+        assert wait_until(lambda: shard_pids(str(folder)), deadline=120)
+        (shard,) = shard_pids(str(folder))
+        os.kill(shard, signal.SIGSTOP)
+        try:
+            assert wait_until(lambda: _answers(server, "/health/live"), deadline=120)
+            live = httpx.get(f"{server.url}/health/live", timeout=5)
+            assert live.status_code == 200 and live.json()["status"] == "loading"
+            for path in ("/health/ready", "/health"):
+                r = httpx.get(server.url + path, timeout=5)
+                assert r.status_code == 503 and r.json()["status"] == "loading", path
+            r = httpx.post(f"{server.url}{CHAT}", json=LONG, timeout=10)
+            assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        finally:
+            os.kill(shard, signal.SIGCONT)
+        server.wait_ready()
+        assert _ready(server) == 200
+    finally:
+        server.stop()
+
+
+def _answers(server, path: str) -> bool:
+    try:
+        httpx.get(server.url + path, timeout=2)
+        return True
+    except httpx.TransportError:
+        return False
 
 
 def test_a_stuck_step_fails_liveness_and_readiness_until_it_moves(tmp_path_factory, tiny_folder):

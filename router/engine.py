@@ -208,12 +208,7 @@ class AsyncEngine:
             extra=_summary(seq, stream, now),
         )
         if self.metrics is not None:
-            self.metrics.finished(
-                seq.finish_reason,
-                seq.num_prompt_tokens,
-                seq.num_output_tokens,
-                now - stream.started,
-            )
+            self.metrics.finished(_summary(seq, stream, now))
         text = stream.detok.flush() if stream.detok is not None else ""
         stream.queue.put_nowait(_output(seq, text, []))
 
@@ -329,9 +324,7 @@ class AsyncEngine:
                     extra=_summary(seq, stream, now),
                 )
                 if self.metrics is not None:
-                    self.metrics.finished(
-                        reason, seq.num_prompt_tokens, seq.num_output_tokens, now - stream.started
-                    )
+                    self.metrics.finished(_summary(seq, stream, now))
             stream.queue.put_nowait(
                 _output(
                     seq,
@@ -405,7 +398,8 @@ def _output(seq: Sequence, text: str, token_ids: list[int], **extra) -> RequestO
 
 
 def _summary(seq, stream: Stream, now: float) -> dict:
-    """A finished request's account, as fields of its log line (structured logs)."""
+    """A finished request's account: the fields of its log line (structured logs) and what
+    its metrics observe."""
     first = stream.first_token_at
     queued = (stream.scheduled_at or now) - stream.started
     return {

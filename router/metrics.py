@@ -61,6 +61,18 @@ class Metrics:
             "inter_token_latency_seconds", "time between a request's tokens", _SECONDS
         )
         self.e2e = histogram("e2e_request_latency_seconds", "arrival to finish", _SECONDS)
+        self.inference = histogram(
+            "request_inference_time_seconds", "first scheduled step to finish", _SECONDS
+        )
+        self.prefill = histogram(
+            "request_prefill_time_seconds", "first scheduled step to first token", _SECONDS
+        )
+        self.decode = histogram("request_decode_time_seconds", "first token to finish", _SECONDS)
+        self.tpot = histogram(
+            "request_time_per_output_token_seconds",
+            "a request's decode time over its tokens after the first",
+            _SECONDS,
+        )
         self.prompt_len = histogram("request_prompt_tokens", "prompt length", _TOKENS)
         self.output_len = histogram("request_generation_tokens", "output length", _TOKENS)
         self.step_duration = histogram(
@@ -92,6 +104,10 @@ class GroupMetrics:
         self.ttft = m.ttft.labels(group)
         self.itl = m.itl.labels(group)
         self.e2e = m.e2e.labels(group)
+        self.inference = m.inference.labels(group)
+        self.prefill = m.prefill.labels(group)
+        self.decode = m.decode.labels(group)
+        self.tpot = m.tpot.labels(group)
         self.generation_tokens = m.generation_tokens.labels(group)
         self.step_duration = m.step_duration.labels(group)
         self.step_seqs = m.step_seqs.labels(group)
@@ -105,13 +121,23 @@ class GroupMetrics:
             for _ in range(n):  # tokens verified together share the wait
                 self.itl.observe(seconds_since_last / n)
 
-    def finished(self, reason: str, prompt_tokens: int, output_tokens: int, e2e: float) -> None:
+    def finished(self, account: dict) -> None:
+        """A finished request's account (router/engine.py `_summary`: finish reason, token
+        counts, and queue_s / ttft_s / total_s from its arrival)."""
         m, g = self.m, self.group
-        m.request_success.labels(g, reason).inc()
-        m.prompt_tokens.labels(g).inc(prompt_tokens)
-        m.prompt_len.labels(g).observe(prompt_tokens)
-        m.output_len.labels(g).observe(output_tokens)
-        self.e2e.observe(e2e)
+        m.request_success.labels(g, account["finish_reason"]).inc()
+        m.prompt_tokens.labels(g).inc(account["prompt_tokens"])
+        m.prompt_len.labels(g).observe(account["prompt_tokens"])
+        m.output_len.labels(g).observe(account["output_tokens"])
+        queued, first, total = account["queue_s"], account["ttft_s"], account["total_s"]
+        self.e2e.observe(total)
+        if queued < total:  # it was scheduled: vLLM's phases of a request
+            self.inference.observe(total - queued)
+            if first is not None:
+                self.prefill.observe(first - queued)
+                self.decode.observe(total - first)
+                if account["output_tokens"] > 1:
+                    self.tpot.observe((total - first) / (account["output_tokens"] - 1))
 
     def step(self, seconds: float, num_seqs: int, num_tokens: int) -> None:
         self.step_duration.observe(seconds)

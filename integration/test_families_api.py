@@ -36,6 +36,7 @@ MESSAGES = [
 FAMILIES = {
     "qwen-7b-chat": ("qwen2", "qwen", "<|im_end|>"),
     "baichuan2-chat": ("llama", "baichuan", 195),  # an ordinary token here: its text must not show
+    "baichuan-chat": ("llama", "baichuan-13b", 195),  # the 13B layout: ALiBi, no rotary
     "chatglm3": ("glm", "chatglm", "<|observation|>"),
     "chatglm2": ("glm", "chatglm", "</s>"),  # no stop token of its own: the config's EOS
     "llama-3": ("llama", "llama", "<|eot_id|>"),
@@ -72,7 +73,7 @@ def _family_folder(root: Path, template: str) -> tuple[Path, dict]:
         "trigger": tok.encode("Hi", add_special_tokens=False)[-1],
         "eos": _token_id(tok, "</s>"),
     }
-    extra = {"num_key_value_heads": 4} if layout in ("qwen", "baichuan") else {}
+    extra = {"num_key_value_heads": 4} if layout in ("qwen", "baichuan", "baichuan-13b") else {}
     if arch == "glm":
         extra.update(head_dim=16, attention_bias=True)
     cfg = tiny_config(arch, vocab_size=VOCAB, eos_token_id=ids["eos"], **extra)
@@ -81,8 +82,9 @@ def _family_folder(root: Path, template: str) -> tuple[Path, dict]:
     folder = root / template
     if layout == "qwen":
         as_qwen_v1(hf, folder)
-    elif layout == "baichuan":
-        as_baichuan(hf, folder, hf.lm_head.weight.detach())
+    elif layout.startswith("baichuan"):
+        alibi = layout == "baichuan-13b"
+        as_baichuan(hf, folder, hf.lm_head.weight.detach(), alibi=alibi)
     elif layout == "chatglm":
         as_chatglm(hf, folder, eos_token_id=ids["eos"])
     else:

@@ -16,7 +16,7 @@ MESSAGES = [
 ]
 
 
-@pytest.fixture(scope="module", params=["qwen-7b-chat", "generate"])
+@pytest.fixture(scope="module", params=["qwen-7b-chat", "generate", "baichuan2-chat"])
 def templated(request, tmp_path_factory, tiny_folder):
     server = start_server(
         tmp_path_factory,
@@ -43,3 +43,13 @@ def test_prompt_tokens_equal_the_templates_rendering(templated, tiny_folder):
     )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens"] == len(expected)
+
+
+def test_a_template_unlike_the_tokenizers_own_is_warned_about_at_start(templated):
+    name, server = templated
+    warned = [line for line in server.logs().splitlines() if "check CONV_TEMPLATE" in line]
+    if name == "baichuan2-chat":  # reserved ids 195/196, not SmolLM2's ChatML
+        (line,) = warned
+        assert "WARNING" in line and name in line and "differently" in line
+    else:  # qwen-7b-chat renders ChatML as SmolLM2's own template does; generate is plain
+        assert warned == []

@@ -134,7 +134,7 @@ class Sampler:
         # The first index whose cumulative mass exceeds u * total: a token of probability 0
         # adds no width, so it is never the first (right=True) to pass the mark. Should
         # rounding put the mark at the total, the last token of positive probability is taken.
-        total = cdf[:, -1:]
+        total = cdf[:, -1:].contiguous()
         picked = torch.searchsorted(cdf, u * total, right=True)
         last = torch.searchsorted(cdf, total, right=False)
         return torch.minimum(picked, last).squeeze(1)

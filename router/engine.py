@@ -199,16 +199,17 @@ class AsyncEngine:
         """The final output of a request the engine itself ended (its deadline)."""
         seq = stream.seq
         self._count_finish(seq.finish_reason)
+        account = stream.account(now)
         log.info(
             "%s finished: %s after %.1fs, output %d tokens, KV blocks freed",
             seq.request_id,
             seq.finish_reason,
-            now - stream.started,
+            account["total_s"],
             seq.num_output_tokens,
-            extra=_summary(seq, stream, now),
+            extra=account,
         )
         if self.metrics is not None:
-            self.metrics.finished(_summary(seq, stream, now))
+            self.metrics.finished(account)
         text = stream.detok.flush() if stream.detok is not None else ""
         stream.queue.put_nowait(_output(seq, text, []))
 
@@ -309,7 +310,7 @@ class AsyncEngine:
             if seq.is_finished:
                 reason = seq.finish_reason
                 self._count_finish(reason)
-                queued = (stream.scheduled_at or now) - stream.started
+                account = stream.account(now)
                 log.info(
                     "%s finished: %s, prompt %d tokens (%d cached), output %d tokens, "
                     "queue %.3fs, ttft %.3fs, total %.3fs",
@@ -318,13 +319,13 @@ class AsyncEngine:
                     seq.num_prompt_tokens,
                     seq.num_cached_prompt_tokens,
                     seq.num_output_tokens,
-                    queued,
-                    stream.first_token_at - stream.started,
-                    now - stream.started,
-                    extra=_summary(seq, stream, now),
+                    account["queue_s"],
+                    account["ttft_s"],
+                    account["total_s"],
+                    extra=account,
                 )
                 if self.metrics is not None:
-                    self.metrics.finished(_summary(seq, stream, now))
+                    self.metrics.finished(account)
             stream.queue.put_nowait(
                 _output(
                     seq,
@@ -395,21 +396,3 @@ def _output(seq: Sequence, text: str, token_ids: list[int], **extra) -> RequestO
         num_draft_accepted=seq.num_draft_accepted,
         **extra,
     )
-
-
-def _summary(seq, stream: Stream, now: float) -> dict:
-    """A finished request's account: the fields of its log line (structured logs) and what
-    its metrics observe."""
-    first = stream.first_token_at
-    queued = (stream.scheduled_at or now) - stream.started
-    return {
-        "request_id": seq.request_id,
-        "event": "finished",
-        "finish_reason": seq.finish_reason,
-        "prompt_tokens": seq.num_prompt_tokens,
-        "cached_tokens": seq.num_cached_prompt_tokens,
-        "output_tokens": seq.num_output_tokens,
-        "queue_s": round(queued, 4),
-        "ttft_s": None if first is None else round(first - stream.started, 4),
-        "total_s": round(now - stream.started, 4),
-    }

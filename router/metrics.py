@@ -122,7 +122,7 @@ class GroupMetrics:
                 self.itl.observe(seconds_since_last / n)
 
     def finished(self, account: dict) -> None:
-        """A finished request's account (router/engine.py `_summary`: finish reason, token
+        """A finished request's account (router/streams.py `Stream.account`: finish reason, token
         counts, and queue_s / ttft_s / total_s from its arrival)."""
         m, g = self.m, self.group
         m.request_success.labels(g, account["finish_reason"]).inc()

@@ -50,6 +50,22 @@ class Stream:
     first_token_at: float | None = None
     last_token_at: float | None = None
 
+    def account(self, now: float) -> dict:
+        """A finished request's account: the fields of its log line (structured logs) and what
+        its metrics observe (router/metrics.py). Times in seconds from arrival."""
+        seq, first = self.seq, self.first_token_at
+        return {
+            "request_id": seq.request_id,
+            "event": "finished",
+            "finish_reason": seq.finish_reason,
+            "prompt_tokens": seq.num_prompt_tokens,
+            "cached_tokens": seq.num_cached_prompt_tokens,
+            "output_tokens": seq.num_output_tokens,
+            "queue_s": round((self.scheduled_at or now) - self.started, 4),
+            "ttft_s": None if first is None else round(first - self.started, 4),
+            "total_s": round(now - self.started, 4),
+        }
+
 
 def drop_after_stop(u: SeqUpdate, seq: Sequence, taken: int) -> None:
     extra = len(u.new_token_ids) - taken

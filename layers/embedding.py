@@ -12,7 +12,14 @@ from torch import nn
 
 from layers.linear import WHOLE, SliceSpec, Split
 from layers.parallel import SINGLE, ParallelContext
-from layers.quant.base import ONEDNN_BATCH_HINT, QuantMode, onednn_available, onednn_linear
+from layers.quant.base import (
+    ONEDNN_BATCH_HINT,
+    QuantMode,
+    fused_gemv,
+    fused_gemv_fits,
+    onednn_available,
+    onednn_linear,
+)
 
 _ROW_ALIGN = 16
 
@@ -96,6 +103,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.packed_weight = None
         wanted = quant is not None and quant.name != "none" and quant.quantize_lm_head
         self.quant = quant if wanted else None
+        # A memory mode (fp8, nf4) that leaves the head float: a tied head then reads the
+        # embedding's table rather than a packed second copy of it (108 MiB on the default model).
+        self.memory_mode = quant is not None and quant.name != "none" and not wanted
         self.quantized: _HeadMatmul | None = None
         self.normalize_rows = False  # Baichuan2's NormHead: unit-length rows
 
@@ -128,6 +138,8 @@ class ParallelLMHead(VocabParallelEmbedding):
                 return
             self.weight.data = torch.empty(0, w.shape[1], dtype=w.dtype, device=w.device)
             return
+        if self.tied and self.memory_mode:
+            return
         if self.fast and w.device.type == "cpu" and w.dtype == torch.float32 and onednn_available():
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.data, ONEDNN_BATCH_HINT)
 
@@ -136,6 +148,8 @@ class ParallelLMHead(VocabParallelEmbedding):
             return self.quant.apply(self.quantized, hidden, None)
         if self.packed_weight is not None:
             return onednn_linear(hidden, self.packed_weight, None, self.local_vocab_size)
+        if fused_gemv_fits(hidden):  # a memory mode's tied float head, in a compiled step
+            return fused_gemv(hidden, self.weight)
         return F.linear(hidden, self.weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -30,9 +30,9 @@ log = logging.getLogger("shardserve.compiled_decode")
 # Padded batch sizes: a step of n sequences runs the compiled step of the next size up.
 BATCH_SIZES = (1, 2, 4, 8, 16)
 
-# Quantization modes whose decode matmuls compile (the others' kernels are opaque to inductor
-# or rebuild float weights every step; they run eagerly).
-COMPILED_MODES = ("none", "ifq", "smoothquant")
+# Quantization modes whose decode matmuls compile: every mode, since fp8 and nf4 read their
+# codes inside `fused_gemv` there (eagerly they rebuild float weights every step).
+COMPILED_MODES = ("none", "ifq", "smoothquant", "fp8", "ifq_nf4")
 
 
 def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

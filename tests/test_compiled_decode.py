@@ -76,6 +76,9 @@ PADDED_CASES = [
     *[("ifq", False, n, 1e-5) for n in (1, 3, 7, 16)],
     ("ifq", True, 7, 5e-4),
     ("ifq", True, 16, 5e-4),
+    # the memory modes: their codes decoded inside the fused reduction (up to 4 rows) or
+    # dequantized inside the graph (more), against their eager dequantize-then-matmul
+    *[(mode, True, n, 1e-5) for mode in ("fp8", "ifq_nf4") for n in (1, 3, 16)],
 ]
 
 
@@ -105,6 +108,26 @@ def test_int8_compiled_matches_the_dequantize_oracle(llama_folder):
     torch.testing.assert_close(
         our_logits(compiled, tokens, prompt_len=12),
         our_logits(oracle, tokens, prompt_len=12),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize("mode", ["fp8", "ifq_nf4"])
+@torch.inference_mode()
+def test_memory_modes_compiled_with_a_tied_head_match_their_eager_path(tmp_path, mode):
+    """fp8 and nf4 leave a tied head float, read from the embedding's table (no packed copy):
+    compiled steps stream it through the fused reduction."""
+    folder = save_checkpoint(
+        build_hf_model(tiny_config("llama", tie_word_embeddings=True)), tmp_path
+    )
+    eager = make_worker(folder, quantization=mode)
+    compiled = make_worker(folder, quantization=mode, cpu_compile=True)
+    _compiled(compiled)
+    tokens = _tokens(30, eager.cfg.vocab_size, seed=9)
+    torch.testing.assert_close(
+        our_logits(compiled, tokens, prompt_len=12),
+        our_logits(eager, tokens, prompt_len=12),
         atol=1e-5,
         rtol=0,
     )

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from layers.linear import ColumnParallelLinear, RowParallelLinear
+from layers.quant.base import onednn_available
 from layers.quant.int8 import (
     COMPILED_TWO_PASS,
     QMAX,
@@ -203,6 +204,34 @@ def test_fp8_weights_round_to_e4m3_precision():
     torch.testing.assert_close(layer(x), x @ layer.quant.dequantized(layer).T, rtol=0, atol=1e-4)
 
 
+def test_fp8_scale_search_rounds_each_row_no_worse_than_its_absmax_scale():
+    from layers.quant.dequant import FP8_MAX
+
+    w = torch.randn(64, 96, generator=_gen(14)) * torch.rand(64, 1, generator=_gen(15)) * 2
+    layer = _linear(get_quant_mode("fp8"), w)
+    absmax_scale = w.abs().amax(1, keepdim=True) / FP8_MAX
+    plain = (w / absmax_scale).to(torch.float8_e4m3fn).float() * absmax_scale
+    searched = layer.quant.dequantized(layer)
+    err_plain = (plain - w).square().sum(1)
+    err_searched = (searched - w).square().sum(1)
+    assert torch.all(err_searched <= err_plain * (1 + 1e-6))
+    assert err_searched.sum() < err_plain.sum() * 0.9  # the search moves most rows
+    # the scale only grows (factors in [1, 2)): no row's largest weight is clipped
+    ratio = layer.weight_scale[:, None] / absmax_scale
+    assert torch.all((ratio >= 1 - 1e-6) & (ratio < 2))
+
+
+@pytest.mark.parametrize("mode", ["fp8", "ifq_nf4"])
+def test_memory_modes_tied_head_reads_the_embedding_table_without_a_packed_copy(tmp_path, mode):
+    cfg = tiny_config("llama", tie_word_embeddings=True, hidden_size=128, intermediate_size=256)
+    folder = save_checkpoint(build_hf_model(cfg), tmp_path / "tied")
+    model = make_worker(folder, quantization=mode).model
+    head, embed = model.lm_head, model.model.embed_tokens
+    assert head.tied and head.packed_weight is None and head.weight is embed.weight
+    if onednn_available():  # float32 itself serves its head from a oneDNN-packed copy
+        assert make_worker(folder, quantization="none").model.lm_head.packed_weight is not None
+
+
 def test_nf4_codes_pack_two_per_byte_and_stay_within_half_a_level_gap():
     from layers.quant.dequant import NF4_GROUP, NF4_LEVELS
 
@@ -233,9 +262,10 @@ def test_dequant_modes_tp2_equal_tp1(tiny_folder, mode):
     assert (got - ref).abs().max().item() <= 1e-4
 
 
-# Measured (BENCHMARKS.md): fp8 +4.2 %, ifq_nf4 +25 %: over the issue's targets (+2 %, +6 %) on
-# this model, whose weights were themselves rounded to Q4_1. These guards catch a broken mode.
-@pytest.mark.parametrize("mode,bound", [("fp8", 1.08), ("ifq_nf4", 1.35)])
+# Measured on these 1,024 tokens: fp8 +2.2 % (+1.85 % on BENCHMARKS.md's 2,048), ifq_nf4 +25 %
+# (over the issue's +6 %: this model's weights were themselves rounded to Q4_1). The guards
+# leave room for float noise and catch a broken mode, or fp8's scale search undone (+4.2 %).
+@pytest.mark.parametrize("mode,bound", [("fp8", 1.03), ("ifq_nf4", 1.30)])
 def test_dequant_modes_perplexity_on_the_embedded_model(mode, bound):
     from launcher.embedded import ensure_embedded_model
     from launcher.llm import LLM

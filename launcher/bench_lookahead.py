@@ -1,10 +1,14 @@
 """`shardserve bench-lookahead`: lookahead vs plain greedy decoding on the offline engine, in one
 run: (a) RAG-style, a ~1,000-token document and a request whose answer quotes it, one at a time;
 (b) ordinary chat prompts, one at a time; (c) 16 at once, half of each. Output tok/s of each
-against plain, the draft acceptance rate and the mean accepted tokens per verification.
+against plain (end to end, and after each request's first token: the decode phase, which is
+what lookahead changes), the draft acceptance rate and the mean accepted tokens per
+verification.
 
 Each mode runs in a fresh engine after a warm-up on other prompts (the kernels' first call at a
-new batch shape is slow on CPU), so neither mode inherits the other's prefix cache or drafts.
+new batch shape is slow on CPU), so neither mode inherits the other's prefix cache or drafts;
+`--rounds` repeats both in alternating order and reports medians (this host's speed drifts by
+10-20 % between minutes).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import importlib
 import inspect
 import logging
+import statistics
 import time
 
 from launcher.cli import write_report
@@ -75,8 +80,12 @@ def _measure(folder: str, lookahead: bool, args) -> dict:
             proposed, accepted, steps = (
                 now - b for now, b in zip(_draft_counts(llm.scheduler), before)
             )
+            decode_s = sum(c.last_token_at - c.first_token_at for c in done if c.token_ids)
             out[name] = {
                 "tok_s": sum(len(c.token_ids) for c in done) / seconds,
+                # after each request's first token: the part lookahead can speed up (the
+                # prompt's prefill is the same work either way)
+                "decode_tok_s": sum(len(c.token_ids) - 1 for c in done) / decode_s,
                 "tokens": [c.token_ids for c in done],
                 "acceptance": accepted / proposed if proposed else 0.0,
                 "accepted_per_verify": accepted / steps if steps else 0.0,
@@ -91,31 +100,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--depth", type=int, default=8, help="NUM_SPECULATIVE_TOKENS")
     p.add_argument("--quantization", default="none", help="QUANTIZATION for both runs")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="fresh engines per mode, alternating; medians"
+    )
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     from launcher.embedded import ensure_embedded_model
 
     folder = args.model or str(ensure_embedded_model())
-    plain = _measure(folder, False, args)
-    ahead = _measure(folder, True, args)
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    for r in range(args.rounds):  # alternate which mode goes first: the host drifts
+        for lookahead in (False, True) if r % 2 == 0 else (True, False):
+            runs[lookahead].append(_measure(folder, lookahead, args))
+            log.info("round %d/%d, lookahead=%s done", r + 1, args.rounds, lookahead)
     lines = [f"{'workload':22s} {'plain tok/s':>12s} {'lookahead':>10s} {'ratio':>7s} "
-             f"{'accepted':>9s} {'per verify':>11s} {'same output':>12s}"]  # fmt: skip
+             f"{'decode ratio':>13s} {'accepted':>9s} {'per verify':>11s} "
+             f"{'same output':>12s}"]  # fmt: skip
     report = {}
     titles = {"rag": "(a) RAG, c=1", "chat": "(b) chat, c=1", "mixed": "(c) 16 mixed at once"}
     for name, title in titles.items():
-        a, b = plain[name], ahead[name]
-        same = a["tokens"] == b["tokens"]
-        report[name] = {
-            "plain_tok_s": a["tok_s"],
-            "lookahead_tok_s": b["tok_s"],
-            "ratio": b["tok_s"] / a["tok_s"],
-            "acceptance": b["acceptance"],
-            "accepted_per_verify": b["accepted_per_verify"],
-            "identical_output": same,
+        plain = [run[name] for run in runs[False]]
+        ahead = [run[name] for run in runs[True]]
+        med = {
+            (mode, key): statistics.median(x[key] for x in rows)
+            for mode, rows in (("plain", plain), ("lookahead", ahead))
+            for key in ("tok_s", "decode_tok_s", "acceptance", "accepted_per_verify")
         }
+        same = all(x["tokens"] == plain[0]["tokens"] for x in plain + ahead)
+        entry = {f"{mode}_{key}": v for (mode, key), v in med.items()}
+        entry["ratio"] = med["lookahead", "tok_s"] / med["plain", "tok_s"]
+        entry["decode_ratio"] = med["lookahead", "decode_tok_s"] / med["plain", "decode_tok_s"]
+        entry["round_ratios"] = [b["tok_s"] / a["tok_s"] for a, b in zip(plain, ahead)]
+        entry["identical_output"] = same
+        report[name] = entry
         lines.append(
-            f"{title:22s} {a['tok_s']:12.1f} {b['tok_s']:10.1f} {b['tok_s'] / a['tok_s']:6.2f}x "
-            f"{b['acceptance']:8.0%} {b['accepted_per_verify']:11.2f} {str(same):>12s}"
+            f"{title:22s} {med['plain', 'tok_s']:12.1f} {med['lookahead', 'tok_s']:10.1f} "
+            f"{entry['ratio']:6.2f}x {entry['decode_ratio']:12.2f}x "
+            f"{med['lookahead', 'acceptance']:8.0%} "
+            f"{med['lookahead', 'accepted_per_verify']:11.2f} {str(same):>12s}"
         )
     write_report("\n".join(lines), report, args.json)
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from router.block_allocator import BlockAllocator
@@ -31,6 +32,10 @@ class Completion:
     top_logprobs: list | None = None
     num_cached_prompt_tokens: int = 0
     prompt_logprobs: list[float] | None = None  # for prompt tokens 1.., when asked
+    # time.perf_counter() when the first and the last token arrived (a decode-phase rate is
+    # (len(token_ids) - 1) / (last_token_at - first_token_at))
+    first_token_at: float | None = None
+    last_token_at: float | None = None
 
 
 class LLM:
@@ -89,6 +94,7 @@ class LLM:
             enforce_eager=enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization,
             cpu_compile=cpu_compile,
+            lookahead=use_lookahead,
         )
         if shard_process or tensor_parallel_size > 1:  # ranks are always processes
             from launcher.shard_process import ShardProcess
@@ -151,6 +157,10 @@ class LLM:
         while self.engine.has_work():
             for u in self.engine.step():
                 c = completions[u.seq.seq_id]
+                if u.new_token_ids:
+                    c.last_token_at = time.perf_counter()
+                    if c.first_token_at is None:
+                        c.first_token_at = c.last_token_at
                 c.token_ids += u.new_token_ids
                 if u.logprobs is not None:
                     c.logprobs = (c.logprobs or []) + u.logprobs

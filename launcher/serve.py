@@ -200,6 +200,7 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
         collective_timeout_s=c.collective_timeout,
         enforce_eager=c.enforce_eager,
         cpu_compile=c.cpu_compile,
+        lookahead=c.use_lookahead,
     )
     groups = [
         group_specs(

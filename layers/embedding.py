@@ -103,9 +103,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.packed_weight = None
         wanted = quant is not None and quant.name != "none" and quant.quantize_lm_head
         self.quant = quant if wanted else None
-        # A memory mode (fp8, nf4) that leaves the head float: a tied head then reads the
-        # embedding's table rather than a packed second copy of it (108 MiB on the default model).
-        self.memory_mode = quant is not None and quant.name != "none" and not wanted
+        # A memory mode (fp8, nf4) leaves the head float: a tied head then reads the embedding's
+        # table rather than a packed second copy of it (108 MiB on the default model).
+        self.memory_mode = quant is not None and quant.saves_memory and not wanted
         self.quantized: _HeadMatmul | None = None
         self.normalize_rows = False  # Baichuan2's NormHead: unit-length rows
 

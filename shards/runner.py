@@ -108,21 +108,34 @@ class ModelRunner:
                 self._sample(logits if len(rows) == len(seqs) else logits[rows], sampled, outputs)
             ordered = [outputs[s.seq_id] for s in plan.seqs if s.seq_id in outputs]
             return StepResult(plan.step_id, ordered, time.perf_counter() - started)
-        hidden, last_rows = self.forward(seqs)
+        tree_logits = self.compiled.run_tree(seqs) if self.compiled is not None else None
+        if tree_logits is not None:  # a compiled step scored every row
+            last_rows = [r - 1 for r in itertools.accumulate(len(s.token_ids) for s in seqs)]
+            self._sample_and_verify(seqs, last_rows, lambda rows: tree_logits[rows], outputs)
+        else:
+            hidden, last_rows = self.forward(seqs)
+            self._sample_and_verify(
+                seqs, last_rows, lambda rows: self.model.compute_logits(hidden[rows]), outputs
+            )
+            self._score_prompts(hidden, seqs, last_rows, outputs)
+        ordered = [outputs[s.seq_id] for s in plan.seqs if s.seq_id in outputs]
+        return StepResult(plan.step_id, ordered, time.perf_counter() - started)
+
+    def _sample_and_verify(self, seqs, last_rows, logits_of, outputs) -> None:
+        """Sample sequences that run plain tokens, verify draft trees; `logits_of(rows)` gives
+        the logits of those rows of the step."""
         sampled = [s for s in seqs if s.sample and s.draft_parents is None]
         rows = [r for s, r in zip(seqs, last_rows) if s.sample and s.draft_parents is None]
         trees = [(s, r) for s, r in zip(seqs, last_rows) if s.draft_parents is not None]
         for s, last in trees:  # every node of a tree is scored
             rows += range(last - len(s.token_ids) + 1, last + 1)
-        if rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-            if self.driver:
-                if sampled:
-                    self._sample(logits[: len(sampled)], sampled, outputs)
-                self._verify(logits[len(sampled) :], [s for s, _ in trees], outputs)
-        self._score_prompts(hidden, seqs, last_rows, outputs)
-        ordered = [outputs[s.seq_id] for s in plan.seqs if s.seq_id in outputs]
-        return StepResult(plan.step_id, ordered, time.perf_counter() - started)
+        if not rows:
+            return
+        logits = logits_of(torch.tensor(rows, device=self.device))
+        if self.driver:
+            if sampled:
+                self._sample(logits[: len(sampled)], sampled, outputs)
+            self._verify(logits[len(sampled) :], [s for s, _ in trees], outputs)
 
     def _sample(self, logits, sampled: list[ScheduledSeq], outputs: dict[int, SeqOutput]) -> None:
         states = [self.states[s.seq_id] for s in sampled]

@@ -145,6 +145,7 @@ class ShardSpec:
     fast_kernels: bool = True  # False: only the plain-torch reference paths (tests)
     enforce_eager: bool = True  # False: decode steps replay as CUDA graphs where they can
     cpu_compile: bool = False  # decode steps run torch.compile'd on CPU where they can
+    lookahead: bool = False  # the router drafts trees: compile steps that verify them too
     rank: int = 0
     world_size: int = 1
     group_index: int = 0  # which worker group (WORKER_NUM), for messages

@@ -154,7 +154,11 @@ class Worker:
             spec.seed,
             driver=spec.rank == 0,
             graphs=self._decode_graphs(caches, backend.name) if cuda_graphs else None,
-            compiled=CompiledDecode(self.model, caches, self.block_size) if compiled else None,
+            compiled=(
+                CompiledDecode(self.model, caches, self.block_size, trees=spec.lookahead)
+                if compiled
+                else None
+            ),
         )
         if why_eager:
             log.info("decode steps run eagerly: not compiled with %s", why_eager)

@@ -36,7 +36,8 @@ def llama_folder(tmp_path_factory):
 def _compiled(worker):
     compiled = worker.runner.compiled
     assert compiled is not None and compiled.failed is None
-    assert compiled.ready == set(BATCH_SIZES), "start-up compiles every batch size"
+    shapes = {(b, False) for b in BATCH_SIZES} | {(b, True) for b in compiled.tree_rows}
+    assert compiled.ready == shapes, "start-up compiles every batch size"
     return compiled
 
 
@@ -131,6 +132,53 @@ def test_memory_modes_compiled_with_a_tied_head_match_their_eager_path(tmp_path,
         atol=1e-5,
         rtol=0,
     )
+
+
+def _tree_batch(worker, trees: list[list[int] | None], seed: int) -> list[ScheduledSeq]:
+    """Prefilled sequences, each running one token (None) or a draft tree with these parents."""
+    rng = random.Random(seed)
+    bs, next_block, seqs = worker.block_size, 1, []
+    for i, parents in enumerate(trees):
+        prompt = _tokens(rng.randrange(3, 30), worker.cfg.vocab_size, seed * 100 + i)
+        n = 1 + len(parents or [])
+        nb = (len(prompt) - 1 + n) // bs + 1
+        table = list(range(next_block, next_block + nb))
+        next_block += nb
+        worker.runner.forward([ScheduledSeq(i, prompt[:-1], 0, table, False)])
+        drafts = [rng.randrange(3, worker.cfg.vocab_size) for _ in range(n - 1)]
+        seqs.append(ScheduledSeq(i, prompt[-1:] + drafts, len(prompt) - 1, table, True,
+                                 draft_parents=parents))  # fmt: skip
+    return seqs
+
+
+# a tree of two branches; a chain of one draft; two chains of 8 (17 rows, padded to 32)
+TREE_CASES = [[0, 1, 2, 0, 4], [0], [0, 1, 2, 3, 4, 5, 6, 7, 0, 9, 10, 11, 12, 13, 14, 15]]
+
+
+# (quantization, fast kernels): float32 as served; ifq's plain-torch path (its fast int8 GEMM
+# rounds activations, differently at different row counts: see PADDED_CASES)
+@pytest.mark.parametrize("quantization,fast", [("none", True), ("ifq", False)])
+@pytest.mark.parametrize("tree", TREE_CASES, ids=["branches", "one-draft", "two-chains"])
+@torch.inference_mode()
+def test_tree_steps_match_the_eager_tree_step(llama_folder, tree, quantization, fast):
+    """Every node's logits from the compiled tree step (rows with their own positions, slots
+    and mask) against the eager step that runs the same trees (layers/attention/tree.py)."""
+    worker = make_worker(llama_folder, cpu_compile=True, quantization=quantization,
+                         fast_kernels=fast, lookahead=True)  # fmt: skip
+    compiled = _compiled(worker)
+    assert compiled.tree_rows
+    seqs = _tree_batch(worker, [None, tree], seed=len(tree))
+    # the second sequence's tree, alone in its step (several sequences' steps run eagerly)
+    assert not compiled.fits_tree(seqs) and compiled.fits_tree(seqs[1:])
+    got = compiled.run_tree(seqs[1:])
+    hidden, _ = worker.runner.forward(seqs[1:])  # rewrites the same K/V, then attends eagerly
+    torch.testing.assert_close(got, worker.model.compute_logits(hidden), atol=1e-5, rtol=0)
+
+
+def test_tree_steps_stay_eager_with_a_sliding_window(tmp_path):
+    folder = save_checkpoint(build_hf_model(tiny_config("mistral", sliding_window=6)), tmp_path)
+    worker = make_worker(folder, cpu_compile=True, lookahead=True)
+    assert worker.runner.compiled.tree_rows == ()
 
 
 def test_models_described_differently_never_share_a_graph(tmp_path):

@@ -21,11 +21,14 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None,
     alibi_slopes: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [s, heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim];
     block_ids: [s, width] (padded with the null block); positions: [s], the query's position,
-    whose own K/V are already in the cache; alibi_slopes: [heads] or None.
-    Returns [s, heads, head_dim]."""
+    whose own K/V are already in the cache; alibi_slopes: [heads] or None; mask: None, or
+    [s, width, block_size] bool, the cache slots each query attends to, given when rows are
+    lookahead tree nodes (layers/attention/tree.py: a node sees its ancestors' slots, not every
+    slot up to its position; the window, if any, is in the mask). Returns [s, heads, head_dim]."""
     s, heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
@@ -35,7 +38,9 @@ def paged_decode_attention(
     scores = (qg * keys).sum(-1) * scale  # [s, ctx, kv_heads, group]
     key_pos = torch.arange(block_ids.shape[1] * block_size, device=q.device)
     ok = key_pos[None, :] <= positions[:, None]  # [s, ctx]
-    if sliding_window is not None:
+    if mask is not None:
+        ok = mask.view(s, -1)
+    elif sliding_window is not None:
         ok = ok & (key_pos[None, :] > positions[:, None] - sliding_window)
     if alibi_slopes is not None:  # slope x distance, per query head
         dist = (key_pos[None, :] - positions[:, None]).to(scores.dtype)  # [s, ctx]
@@ -44,3 +49,29 @@ def paged_decode_attention(
     probs = torch.softmax(scores.float(), dim=1).to(q.dtype)
     out = (probs[..., None] * values).sum(1)  # [s, kv_heads, group, d]
     return out.reshape(s, heads, head_dim)
+
+
+def shared_tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The rows of one sequence's lookahead tree, attending over its cache at once: its K/V
+    are gathered once and scored against every row by a matmul (per-row reductions would read
+    the whole context again for each of the tree's ~17 rows). q: [s, heads, head_dim];
+    block_ids: [1, width], the sequence's table; mask: [s, width, block_size] bool, the slots
+    each row sees (layers/attention/tree.py). Returns [s, heads, head_dim]."""
+    s, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    keys = k_cache[block_ids[0]].reshape(-1, kv_heads, head_dim)  # [ctx, kv_heads, d]
+    values = v_cache[block_ids[0]].reshape(-1, kv_heads, head_dim)
+    qg = q.view(s, kv_heads, group, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, -1, head_dim)
+    scores = torch.bmm(qg, keys.permute(1, 2, 0)) * scale  # [kv_heads, s * group, ctx]
+    scores = scores.view(kv_heads, s, group, -1).masked_fill(~mask.view(1, s, 1, -1), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(kv_heads, s * group, -1)
+    out = torch.bmm(probs, values.transpose(0, 1))  # [kv_heads, s * group, d]
+    return out.view(kv_heads, s, group, head_dim).permute(1, 0, 2, 3).reshape(s, heads, head_dim)

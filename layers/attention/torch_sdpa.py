@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from layers.attention.alibi import alibi_bias
 from layers.attention.backend import AttentionBackend, KVCache, write_kv
 from layers.attention.metadata import AttentionMetadata
-from layers.attention.paged_decode import paged_decode_attention
+from layers.attention.paged_decode import paged_decode_attention, shared_tree_attention
 from layers.attention.tree import tree_depths, tree_mask
 
 
@@ -100,11 +100,25 @@ class TorchSDPABackend(AttentionBackend):
         out = torch.empty_like(q)
         s = layout.num_single
         if s and torch.compiler.is_compiling():
-            # A compiled decode step (shards/compiled_decode.py): all rows are single tokens.
+            # A compiled decode step (shards/compiled_decode.py): all rows are single tokens,
+            # or tree nodes with their own mask.
             block_ids, positions = meta.decode_inputs
-            out[:s] = paged_decode_attention(
-                q[:s], k_cache, v_cache, block_ids, positions, scale, sliding_window, alibi_slopes
-            )
+            if meta.decode_mask is not None and block_ids.shape[0] == 1 < s:  # one tree
+                out[:s] = shared_tree_attention(
+                    q[:s], k_cache, v_cache, block_ids, meta.decode_mask, scale
+                )
+            else:
+                out[:s] = paged_decode_attention(
+                    q[:s],
+                    k_cache,
+                    v_cache,
+                    block_ids,
+                    positions,
+                    scale,
+                    sliding_window,
+                    alibi_slopes,
+                    meta.decode_mask,
+                )
         elif s:
             block_ids, mask = self._single(meta, q.device, sliding_window, alibi_slopes)
             keys = _gather(k_cache, block_ids).view(s, -1, kv_heads, head_dim).transpose(1, 2)

@@ -24,6 +24,9 @@ class QuantMode:
     # Whether the LM head (its logits decide every token) takes this mode too, or stays in the
     # compute dtype, as bitsandbytes-style 4-bit loading leaves it.
     quantize_lm_head = True
+    # Whether the mode is chosen to save memory rather than time: a float head it leaves tied
+    # to the embedding then reads the embedding's table instead of a packed second copy.
+    saves_memory = False
     # The checkpoint tensors that fill a linear, as `<linear>.<param>` (online modes read the
     # float weight), and the file they come from when it is not the model's own weights.
     stored_params: tuple[str, ...] = ("weight",)

@@ -104,11 +104,16 @@ def test_int8_compiled_matches_the_dequantize_oracle(llama_folder):
     values as one fused reduction per row."""
     oracle = make_worker(llama_folder, quantization="ifq", fast_kernels=False)
     compiled = make_worker(llama_folder, quantization="ifq", fast_kernels=False, cpu_compile=True)
+    _assert_same_logits(compiled, oracle, seed=5)
+
+
+def _assert_same_logits(compiled, eager, seed: int) -> None:
+    """A prompt, then decoding: the compiled worker's logits against the eager one's."""
     _compiled(compiled)
-    tokens = _tokens(30, oracle.cfg.vocab_size, seed=5)
+    tokens = _tokens(30, eager.cfg.vocab_size, seed=seed)
     torch.testing.assert_close(
         our_logits(compiled, tokens, prompt_len=12),
-        our_logits(oracle, tokens, prompt_len=12),
+        our_logits(eager, tokens, prompt_len=12),
         atol=1e-5,
         rtol=0,
     )
@@ -123,15 +128,7 @@ def test_memory_modes_compiled_with_a_tied_head_match_their_eager_path(tmp_path,
         build_hf_model(tiny_config("llama", tie_word_embeddings=True)), tmp_path
     )
     eager = make_worker(folder, quantization=mode)
-    compiled = make_worker(folder, quantization=mode, cpu_compile=True)
-    _compiled(compiled)
-    tokens = _tokens(30, eager.cfg.vocab_size, seed=9)
-    torch.testing.assert_close(
-        our_logits(compiled, tokens, prompt_len=12),
-        our_logits(eager, tokens, prompt_len=12),
-        atol=1e-5,
-        rtol=0,
-    )
+    _assert_same_logits(make_worker(folder, quantization=mode, cpu_compile=True), eager, seed=9)
 
 
 def _tree_batch(worker, trees: list[list[int] | None], seed: int) -> list[ScheduledSeq]:

@@ -77,6 +77,6 @@ class AttentionMetadata:
     # and positions [num_single]; built from the layout when None. A CUDA graph passes its
     # static buffers here, so the masks derived from them are part of what it records.
     decode_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
-    # A compiled step whose rows are lookahead tree nodes: which cache slots each row attends
-    # to, [rows, max_blocks, block_size] bool (layers/attention/paged_decode.py).
+    # A compiled step whose rows are one sequence's lookahead tree nodes: which cache slots each
+    # row attends to, [rows, max_blocks, block_size] bool (paged_decode.shared_tree_attention).
     decode_mask: torch.Tensor | None = None

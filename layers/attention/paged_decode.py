@@ -21,14 +21,11 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None,
     alibi_slopes: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [s, heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim];
     block_ids: [s, width] (padded with the null block); positions: [s], the query's position,
-    whose own K/V are already in the cache; alibi_slopes: [heads] or None; mask: None, or
-    [s, width, block_size] bool, the cache slots each query attends to, given when rows are
-    lookahead tree nodes (layers/attention/tree.py: a node sees its ancestors' slots, not every
-    slot up to its position; the window, if any, is in the mask). Returns [s, heads, head_dim]."""
+    whose own K/V are already in the cache; alibi_slopes: [heads] or None.
+    Returns [s, heads, head_dim]."""
     s, heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
@@ -38,9 +35,7 @@ def paged_decode_attention(
     scores = (qg * keys).sum(-1) * scale  # [s, ctx, kv_heads, group]
     key_pos = torch.arange(block_ids.shape[1] * block_size, device=q.device)
     ok = key_pos[None, :] <= positions[:, None]  # [s, ctx]
-    if mask is not None:
-        ok = mask.view(s, -1)
-    elif sliding_window is not None:
+    if sliding_window is not None:
         ok = ok & (key_pos[None, :] > positions[:, None] - sliding_window)
     if alibi_slopes is not None:  # slope x distance, per query head
         dist = (key_pos[None, :] - positions[:, None]).to(scores.dtype)  # [s, ctx]

@@ -101,9 +101,9 @@ class TorchSDPABackend(AttentionBackend):
         s = layout.num_single
         if s and torch.compiler.is_compiling():
             # A compiled decode step (shards/compiled_decode.py): all rows are single tokens,
-            # or tree nodes with their own mask.
+            # or the nodes of one sequence's tree, with their own mask.
             block_ids, positions = meta.decode_inputs
-            if meta.decode_mask is not None and block_ids.shape[0] == 1 < s:  # one tree
+            if meta.decode_mask is not None:
                 out[:s] = shared_tree_attention(
                     q[:s], k_cache, v_cache, block_ids, meta.decode_mask, scale
                 )
@@ -117,7 +117,6 @@ class TorchSDPABackend(AttentionBackend):
                     scale,
                     sliding_window,
                     alibi_slopes,
-                    meta.decode_mask,
                 )
         elif s:
             block_ids, mask = self._single(meta, q.device, sliding_window, alibi_slopes)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from router.block_allocator import BlockAllocator
 from router.engine_core import EngineCore
 from router.lookahead import Drafter
+from router.ngrams import TokenKeys
 from router.params import GenerationParams
 from router.scheduler import Scheduler, SchedulerConfig
 from shards.wire import ShardSpec
@@ -111,6 +112,14 @@ class LLM:
         from shards.model_config import load_model_config
 
         cfg = load_model_config(model)
+        self.tokenizer = None
+        if load_tokenizer:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+        keys = None
+        if use_lookahead and self.tokenizer is not None:
+            keys = TokenKeys.from_tokenizer(self.tokenizer)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_batched_tokens=max_num_batched_tokens or max(info.max_model_len, 2048),
@@ -119,16 +128,9 @@ class LLM:
                 eos_token_ids=cfg.eos_token_ids,
             ),
             BlockAllocator(info.num_blocks, info.block_size, enable_prefix_caching),
-            Drafter.for_backend(num_speculative_tokens, info.attention_backend)
-            if use_lookahead
-            else None,
+            Drafter.for_shard(num_speculative_tokens, info, keys) if use_lookahead else None,
         )
         self.engine = EngineCore(self.scheduler, self.shard)
-        self.tokenizer = None
-        if load_tokenizer:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
         self._request_ids = itertools.count()
 
     def encode_chat(self, messages: list[dict]) -> list[int]:

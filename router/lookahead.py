@@ -3,7 +3,8 @@
 Each sequence keeps an n-gram index of its own tokens (prompt and output): for every n-gram of
 1..`max_ngram` tokens, the positions that followed it. A draft looks up the sequence's last
 tokens, longest match first, and takes the continuations after each earlier occurrence (most
-recent first) as branches. A shared pool of recently generated text adds branches across
+recent first) as branches; a whitespace-insensitive match finds quotes whose lines the model
+re-wrapped (router/ngrams.py). A shared pool of recently generated text adds branches across
 requests. Branches merge into a tree by common prefix; the tree is laid out depth-first with
 the most likely branch first, so when that branch is accepted its K/V already sit in order.
 
@@ -13,11 +14,11 @@ i > 0 a draft token whose parent is `parents[i - 1]` (< i).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from router.lookahead_costs import StepCosts
-from shards.wire import StepPlan, StepResult
+from router.ngrams import NgramIndex, SharedNgrams, TokenKeys
+from shards.wire import ShardInfo, StepPlan, StepResult
 
 
 @dataclass
@@ -27,65 +28,6 @@ class DraftTree:
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-
-class NgramIndex:
-    """n-gram → positions of the token after each occurrence, for one growing token list."""
-
-    def __init__(self, max_ngram: int) -> None:
-        self.max_ngram = max_ngram
-        self.tokens: list[int] = []
-        self.follow: dict[tuple[int, ...], list[int]] = {}
-
-    def extend(self, tokens: list[int]) -> None:
-        for t in tokens:
-            self.tokens.append(t)
-            end = len(self.tokens)
-            for n in range(1, min(self.max_ngram, end) + 1):
-                key = tuple(self.tokens[end - n : end])
-                self.follow.setdefault(key, []).append(end)
-
-    def continuations(self, depth: int, limit: int) -> list[list[int]]:
-        """Up to `limit` token runs that followed earlier occurrences of the longest suffix
-        that occurred before, most recent first."""
-        toks = self.tokens
-        end = len(toks)
-        for n in range(min(self.max_ngram, end), 0, -1):
-            places = self.follow.get(tuple(toks[end - n :]))
-            if not places:
-                continue
-            runs = [toks[p : p + depth] for p in reversed(places) if p < end]
-            runs = [r for r in runs if r]
-            if runs:
-                return runs[:limit]
-        return []
-
-
-class SharedNgrams:
-    """Continuations of recent generated text across requests: (n-gram) → next tokens, bounded
-    by an LRU over keys."""
-
-    def __init__(self, max_ngram: int, depth: int, capacity: int = 100_000) -> None:
-        self.max_ngram, self.depth, self.capacity = max_ngram, depth, capacity
-        self.table: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()
-
-    def add(self, tokens: list[int]) -> None:
-        for end in range(1, len(tokens)):
-            nxt = tokens[end : end + self.depth]
-            for n in range(1, min(self.max_ngram, end) + 1):
-                key = tuple(tokens[end - n : end])
-                self.table[key] = nxt
-                self.table.move_to_end(key)
-        while len(self.table) > self.capacity:
-            self.table.popitem(last=False)
-
-    def continuation(self, tokens: list[int]) -> list[int]:
-        for n in range(min(self.max_ngram, len(tokens)), 0, -1):
-            run = self.table.get(tuple(tokens[len(tokens) - n :]))
-            if run:
-                self.table.move_to_end(tuple(tokens[len(tokens) - n :]))
-                return run
-        return []
 
 
 def build_tree(runs: list[list[int]], budget: int) -> DraftTree:
@@ -148,6 +90,11 @@ class Drafter:
     costs: StepCosts = field(default_factory=StepCosts)
     # False: every step drafts, whatever trees cost (tests of verification itself)
     gate_on_cost: bool = True
+    # Row counts the shard pads one sequence's tree step to (ShardInfo.tree_rows): the rows
+    # up to the next of them cost the same whether they hold draft tokens or padding.
+    tree_rows: tuple[int, ...] = ()
+    # The tokenizer's whitespace-stripped texts (router/ngrams.py), or None: raw n-grams only
+    keys: TokenKeys | None = None
 
     def __post_init__(self) -> None:
         if self.shared is None:
@@ -156,7 +103,7 @@ class Drafter:
     def track(self, seq_id: int, tokens: list[int]) -> None:
         st = self.states.get(seq_id)
         if st is None:
-            st = self.states[seq_id] = SeqDraftState(NgramIndex(self.max_ngram))
+            st = self.states[seq_id] = SeqDraftState(NgramIndex(self.max_ngram, self.keys))
         # A pre-empted sequence keeps its tokens; only new ones are indexed
         new = tokens[len(st.index.tokens) :]
         if new:
@@ -173,7 +120,7 @@ class Drafter:
         sequence that accepts nothing is probed with one token every 8 steps."""
         st = self.states.get(seq_id)
         if st is None:
-            st = self.states[seq_id] = SeqDraftState(NgramIndex(self.max_ngram))
+            st = self.states[seq_id] = SeqDraftState(NgramIndex(self.max_ngram, self.keys))
         if st.accepted_ema < 0.1:
             st.steps_since_probe += 1
             if st.steps_since_probe < 8:
@@ -182,14 +129,28 @@ class Drafter:
             return 1
         return max(1, min(self.max_depth * self.max_branches, round(4 * st.accepted_ema) + 4))
 
+    def fill_rows(self, want: int) -> int:
+        """Draft tokens for a step in which one sequence verifies its tree, given the `want`
+        its acceptance asks for: the tree and its root row fill one of the padded row counts
+        up to the one nearest `want` (within what `max_depth` deep branches can hold), the
+        one whose steps have been giving the most tokens per second (lookahead_costs.py)."""
+        if want <= 0 or not self.tree_rows:
+            return want
+        rows = [r for r in self.tree_rows if r - 1 <= self.max_depth * self.max_branches]
+        if not rows:
+            return want
+        nearest = min(rows, key=lambda r: (abs(r - 1 - want), r))
+        return self.costs.best_rows([r for r in rows if r <= nearest]) - 1
+
     def propose(self, seq_id: int, tokens: list[int], budget: int) -> DraftTree | None:
         if budget <= 0:
             return None
         self.track(seq_id, tokens)
         st = self.states[seq_id]
         depth = min(self.max_depth, budget)
-        runs = st.index.continuations(depth, self.max_branches)
-        if len(runs) < self.max_branches:
+        branches = max(self.max_branches, -(-budget // depth))
+        runs = st.index.continuations(depth, branches)
+        if len(runs) < branches:
             shared = self.shared.continuation(tokens)
             if shared:
                 runs.append(shared[:depth])
@@ -199,10 +160,16 @@ class Drafter:
         return tree if tree.tokens else None
 
     @staticmethod
-    def for_backend(depth: int, attention_backend: str) -> Drafter:
+    def for_shard(depth: int, info: ShardInfo, keys: TokenKeys | None = None) -> Drafter:
         """flash-attn's kernels take causal masks only: there drafts are single chains, whose
         tree mask is the causal one."""
-        return Drafter(max_depth=depth, max_branches=1 if attention_backend == "flash-attn" else 2)
+        chains = info.attention_backend == "flash-attn"
+        return Drafter(
+            max_depth=depth,
+            max_branches=1 if chains else 2,
+            tree_rows=info.tree_rows,
+            keys=keys,
+        )
 
     def drafts_pay(self, num_decodes: int, with_prefill: bool) -> bool:
         """Whether this step's decodes should carry trees (lookahead_costs.py). A step that
@@ -220,7 +187,11 @@ class Drafter:
             elif len(s.token_ids) > 1:
                 return  # a prompt chunk: not a decode-only step
         accepted = sum(len(o.accepted or ()) for o in result.outputs) if trees else None
-        self.costs.observe(len(plan.seqs), accepted, seconds)
+        padded = None
+        if trees and len(plan.seqs) == 1:
+            rows = len(plan.seqs[0].token_ids)
+            padded = next((r for r in self.tree_rows if r >= rows), None)
+        self.costs.observe(len(plan.seqs), accepted, seconds, padded)
 
     def record(self, seq_id: int, proposed: int, accepted: int) -> None:
         st = self.states.get(seq_id)

@@ -11,6 +11,12 @@ step, not predicted from each sequence's acceptance: with many sequences the ste
 covers only some of them, and some find nothing to draft. A step of n sequences drafts when
 (n + accepted) / tree time > n / plain time. Now and then a step takes the other choice, so
 the costs and the gain stay measured as contexts grow and the text changes.
+
+A step in which one sequence verifies its tree runs compiled at a padded row count
+(ShardInfo.tree_rows), and on CPU each row costs: a 16-row step of the embedded model costs
+about 1.5 plain steps, an 8-row one 1.2-1.4. Whether a bigger tree's extra tokens are worth its
+rows is measured the same way, per padded row count: the tree gets the size whose steps have
+been giving the most tokens per second, and now and then another size.
 """
 
 from __future__ import annotations
@@ -38,10 +44,17 @@ class StepCosts:
     tree: dict[int, float] = field(default_factory=dict)
     accepted: dict[int, float] = field(default_factory=dict)  # bucket -> per step with trees
     steps_since_explore: int = 0
+    # one sequence's compiled tree steps, by padded row count: seconds, accepted tokens
+    rows_time: dict[int, float] = field(default_factory=dict)
+    rows_accepted: dict[int, float] = field(default_factory=dict)
+    rows_since_explore: int = 0
 
-    def observe(self, num_seqs: int, accepted: int | None, seconds: float) -> None:
+    def observe(
+        self, num_seqs: int, accepted: int | None, seconds: float, padded_rows: int | None = None
+    ) -> None:
         """A decode-only step (each sequence ran one token or one tree), the draft tokens it
-        got accepted (None: it carried no trees) and its time."""
+        got accepted (None: it carried no trees), its time, and for one sequence's tree the
+        row count its step was padded to."""
         if seconds <= 0 or num_seqs == 0:
             return
         key = batch_bucket(num_seqs)
@@ -50,6 +63,24 @@ class StepCosts:
         else:
             _average(self.tree, key, seconds)
             _average(self.accepted, key, accepted / num_seqs)  # per sequence: buckets mix n
+            if padded_rows is not None:
+                _average(self.rows_time, padded_rows, seconds)
+                _average(self.rows_accepted, padded_rows, accepted)
+
+    def best_rows(self, candidates: list[int]) -> int:
+        """Of these padded row counts (ascending), the one whose tree steps have given the
+        most tokens per second; unmeasured ones first, smallest first."""
+        unmeasured = [r for r in candidates if r not in self.rows_time]
+        if unmeasured:
+            return unmeasured[0]
+        rate = {r: (1 + self.rows_accepted[r]) / self.rows_time[r] for r in candidates}
+        best = max(candidates, key=lambda r: (rate[r], -r))
+        self.rows_since_explore += 1
+        if len(candidates) > 1 and self.rows_since_explore >= EXPLORE_EVERY:
+            self.rows_since_explore = 0
+            others = [r for r in candidates if r != best]
+            return min(others, key=lambda r: abs(r - best))
+        return best
 
     def worth_drafting(self, num_decodes: int) -> bool:
         """Whether a decode step of this many sequences should carry trees."""

@@ -122,13 +122,15 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _draft(self, seq: Sequence, budget: int, room: int) -> DraftTree | None:
+    def _draft(self, seq: Sequence, budget: int, room: int, alone: bool) -> DraftTree | None:
         """A draft tree for a decode, within the step's token budget, the step's draft
-        room, the request's remaining tokens and the context."""
+        room, the request's remaining tokens and the context. alone: the step's only
+        sequence (its tree step runs compiled, padded to a row count the tree may fill)."""
         if seq.params.sampling.has_penalties:
             return None  # a penalty would change each draft row's distribution by its path
+        want = self.drafter.budget_for(seq.seq_id)
         k = min(
-            self.drafter.budget_for(seq.seq_id),
+            self.drafter.fill_rows(want) if alone else want,
             room,
             budget - 1,
             seq.params.max_tokens - seq.num_output_tokens - 1,
@@ -159,7 +161,12 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # pre-empted earlier in this loop
             want = min(seq.num_tokens - seq.num_computed, budget)
-            tree = self._draft(seq, budget, draft_room) if draft_room > 0 and want == 1 else None
+            alone = len(decoding) == 1 and not prefilling
+            tree = (
+                self._draft(seq, budget, draft_room, alone)
+                if draft_room > 0 and want == 1
+                else None
+            )
             if tree is not None:
                 n = self._fit(seq, 1 + len(tree))
                 if n > 1:  # drafts take free room only; they never pre-empt

@@ -31,6 +31,7 @@ from router.dynamic_batching import DynamicBatchScheduler
 from router.engine import AsyncEngine
 from router.lookahead import Drafter
 from router.metrics import Metrics
+from router.ngrams import TokenKeys
 from router.pool import EnginePool
 from router.scheduler import Scheduler, SchedulerConfig
 from router.settings import SETTINGS_ENV, RouterSettings
@@ -41,7 +42,7 @@ from router.tokenizer import load_tokenizer
 log = logging.getLogger("shardserve.router")
 
 
-def _scheduler(s: RouterSettings, info) -> Scheduler:
+def _scheduler(s: RouterSettings, info, keys: TokenKeys | None) -> Scheduler:
     config = SchedulerConfig(
         max_num_batched_tokens=s.max_num_batched_tokens,
         max_num_seqs=s.max_num_seqs,
@@ -54,7 +55,7 @@ def _scheduler(s: RouterSettings, info) -> Scheduler:
         return DynamicBatchScheduler(config, allocator, s.max_batch_size, s.batch_wait_timeout)
     drafter = None
     if s.use_lookahead:
-        drafter = Drafter.for_backend(s.num_speculative_tokens, info.attention_backend)
+        drafter = Drafter.for_shard(s.num_speculative_tokens, info, keys)
     return Scheduler(config, allocator, drafter)
 
 
@@ -66,9 +67,12 @@ async def build_context(s: RouterSettings, metrics: Metrics | None = None) -> Se
     mismatch = template.probe_mismatch()
     if mismatch:
         log.warning("%s: check CONV_TEMPLATE matches this model", mismatch)
+    keys = None
+    if s.use_lookahead:  # one table for every group's drafter
+        keys = await asyncio.to_thread(TokenKeys.from_tokenizer, tokenizer)
     engines = []
     for shard in shards:
-        scheduler = _scheduler(s, shard.info)
+        scheduler = _scheduler(s, shard.info, keys)
         engines.append(
             AsyncEngine(
                 scheduler,

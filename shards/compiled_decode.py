@@ -121,6 +121,9 @@ class CompiledDecode:
         )
         return None if logits is None else logits[:n]
 
+    def usable_tree_rows(self) -> tuple[int, ...]:
+        return () if self.failed is not None else self.tree_rows
+
     def fits_tree(self, seqs: list[ScheduledSeq]) -> bool:
         """One sequence verifying a tree (several would each read their whole context once per
         row of their tree in the row-wise attention; those steps run eagerly)."""

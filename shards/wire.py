@@ -174,10 +174,19 @@ class ShardInfo:
     attention_backend: str
     weight_bytes: int
     kv_block_bytes: int
+    # Row counts of compiled steps that verify one sequence's draft tree (empty: none); a
+    # tree's rows are padded to the next of them, so drafts sized to fill one cost no more.
+    tree_rows: tuple[int, ...] = ()
 
     @staticmethod
     def from_dict(d: dict) -> ShardInfo:
-        return ShardInfo(**{**d, "eos_token_ids": tuple(d["eos_token_ids"])})
+        return ShardInfo(
+            **{
+                **d,
+                "eos_token_ids": tuple(d["eos_token_ids"]),
+                "tree_rows": tuple(d.get("tree_rows", ())),
+            }
+        )
 
 
 def to_dict(obj) -> dict:

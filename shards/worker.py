@@ -283,6 +283,7 @@ class Worker:
             attention_backend=self.attention_backend,
             weight_bytes=self.weight_bytes,
             kv_block_bytes=self.kv_block_bytes,
+            tree_rows=self.runner.compiled.usable_tree_rows() if self.runner.compiled else (),
         )
 
     def execute(self, plan: StepPlan) -> StepResult:

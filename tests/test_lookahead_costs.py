@@ -53,3 +53,16 @@ def test_steps_with_no_time_are_ignored():
     costs = StepCosts()
     costs.observe(1, accepted=None, seconds=0.0)  # fabricated results in scheduler tests
     assert costs.plain == {}
+
+
+def test_tree_sizes_are_measured_and_the_faster_one_is_taken():
+    costs = StepCosts()
+    assert costs.best_rows([8, 16]) == 8  # unmeasured: smallest first
+    costs.observe(1, accepted=6, seconds=0.030, padded_rows=8)
+    assert costs.best_rows([8, 16]) == 16  # then the other
+    costs.observe(1, accepted=7, seconds=0.050, padded_rows=16)  # 8/0.05 < 7/0.03
+    picks = [costs.best_rows([8, 16]) for _ in range(2 * EXPLORE_EVERY)]
+    assert picks.count(16) == 2 and picks.count(8) == 2 * EXPLORE_EVERY - 2  # explored rarely
+    for _ in range(10):  # bigger trees start paying
+        costs.observe(1, accepted=14, seconds=0.040, padded_rows=16)
+    assert costs.best_rows([8, 16]) == 16

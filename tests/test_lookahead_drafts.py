@@ -161,3 +161,16 @@ def test_drafted_decoding_equals_plain_decoding_with_kv_in_place_and_no_leaks():
     # the fake model's text repeats, so drafts were made, both accepted and rejected, and some
     # accepted paths were not the first branch (their K/V moved)
     assert 0 < accepted < proposed and moves > 0
+
+
+def test_trees_of_one_sequence_fill_the_padded_row_counts():
+    d = Drafter(max_depth=8, max_branches=2, tree_rows=(8, 16, 32))
+    assert d.fill_rows(5) == 7  # 6 rows pad to 8: the other two hold draft tokens too
+    assert d.fill_rows(16) == 7  # 16 is nearest, 8 unmeasured: tried first
+    d.costs.observe(1, accepted=5, seconds=0.03, padded_rows=8)
+    assert d.fill_rows(16) == 15  # then 16 rows
+    assert d.fill_rows(0) == 0  # nothing wanted: nothing drafted
+    assert Drafter(max_depth=8, tree_rows=()).fill_rows(5) == 5  # no compiled tree steps
+    # 32 rows would need more than two branches of 8: never chosen
+    d.costs.observe(1, accepted=15, seconds=0.03, padded_rows=16)
+    assert all(d.fill_rows(40) in (7, 15) for _ in range(40))

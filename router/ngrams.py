@@ -24,12 +24,12 @@ class TokenKeys:
     def __init__(self, texts: list[str]) -> None:
         ids: dict[str, int] = {}
         self.key: list[int] = []
-        for t in texts:
+        for i, t in enumerate(texts):
             k = t.strip()
             if not k:
                 self.key.append(-1)
             elif "\ufffd" in k:  # a partial UTF-8 sequence: equal text, different bytes
-                self.key.append(len(ids) + len(self.key) + len(texts))
+                self.key.append(len(texts) + i)  # above every shared key, one per token
             else:
                 self.key.append(ids.setdefault(k, len(ids)))
         first: dict[str, int] = {}

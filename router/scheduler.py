@@ -155,13 +155,13 @@ class Scheduler:
         decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1]
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed > 1]
         draft_room = self._draft_room(decoding, bool(prefilling))
+        alone = len(decoding) == 1 and not prefilling
         for seq in decoding + prefilling:
             if budget == 0:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # pre-empted earlier in this loop
             want = min(seq.num_tokens - seq.num_computed, budget)
-            alone = len(decoding) == 1 and not prefilling
             tree = (
                 self._draft(seq, budget, draft_room, alone)
                 if draft_room > 0 and want == 1

@@ -36,8 +36,9 @@ log = logging.getLogger("shardserve.compiled_decode")
 # Padded batch sizes: a step of n sequences runs the compiled step of the next size up.
 BATCH_SIZES = (1, 2, 4, 8, 16)
 
-# Padded row counts of steps verifying a lookahead tree (NUM_SPECULATIVE_TOKENS=8 with two
-# branches is 17 rows); larger trees run eagerly.
+# Padded row counts of steps verifying a lookahead tree; the drafter sizes a lone sequence's
+# tree to fill one (router/lookahead.py: fill_rows), 32 only where two branches can hold 31
+# tokens (NUM_SPECULATIVE_TOKENS >= 16). Larger trees run eagerly.
 TREE_ROWS = (8, 16, 32)
 
 # Quantization modes whose decode matmuls compile: every mode, since fp8 and nf4 read their

@@ -140,7 +140,8 @@ class TorchSDPABackend(AttentionBackend):
         for i in range(s, len(layout.query_lens)):
             start, n = layout.start_positions[i], layout.query_lens[i]
             qc = q[token : token + n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
-            plain = sliding_window is None and alibi_slopes is None and not layout.draft_parents
+            tree = layout.draft_parents[i] if layout.draft_parents else None
+            plain = sliding_window is None and alibi_slopes is None and tree is None
             if start == 0 and plain:
                 keys = k[token : token + n].transpose(0, 1).unsqueeze(0)
                 values = v[token : token + n].transpose(0, 1).unsqueeze(0)

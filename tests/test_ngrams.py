@@ -1,13 +1,14 @@
 """The whitespace-insensitive n-gram index (router/ngrams.py) on a made-up vocabulary: a quote
 whose lines the model re-wrapped is still found, and its continuation starts with the token
-the model would write after the break it already made."""
+the model would write after the break it already made; a line break in a draft also comes as
+the model may re-wrap it; a passage being copied keeps its place after a departure."""
 
 from __future__ import annotations
 
 from router.ngrams import NgramIndex, TokenKeys
 
 TEXTS = ["\n", " ", "the", " the", "first", " first", "function", " function", " call", "call",
-         " in", "in", " <", "<", "a", " statement", "\ufffd", " \ufffd"]  # fmt: skip
+         " in", "in", " <", "<", "a", " statement", "\ufffd", " \ufffd", "\n  "]  # fmt: skip
 ID = {t: i for i, t in enumerate(TEXTS)}
 
 
@@ -48,3 +49,55 @@ def test_a_strong_raw_match_leads():
     idx = NgramIndex(max_ngram=4, keys=keys)
     idx.extend(_ids("the", " first", "function", " call", "a") + _ids("the", " first", "function"))
     assert idx.continuations(depth=2, limit=2)[0] == _ids(" call", "a")
+
+
+def test_a_line_break_in_a_draft_also_comes_joined_and_unindented():
+    keys = TokenKeys(TEXTS)
+    assert keys.spaced[ID["function"]] == ID[" function"] and keys.spaced[ID["\n"]] == -1
+    plain = NgramIndex(max_ngram=4, keys=keys)
+    plain.extend(_ids("the", " first", "\n", "function", " call") + _ids("the", " first"))
+    assert plain.continuations(depth=3, limit=2) == [
+        _ids("\n", "function", " call"),
+        _ids(" function", " call"),  # re-wrapped: the break became a space
+    ]
+    indented = NgramIndex(max_ngram=4, keys=keys)
+    indented.extend(_ids("the", " first", "\n  ", " function", " call") + _ids("the", " first"))
+    assert indented.continuations(depth=3, limit=2) == [
+        _ids("\n  ", " function", " call"),
+        _ids(" function", " call"),
+        _ids("\n", "function", " call"),  # the indentation dropped
+    ]
+    # a single chain (limit 1) stays the passage itself
+    assert indented.continuations(depth=3, limit=1) == [_ids("\n  ", " function", " call")]
+
+
+DOC = _ids("the", " first", "function", " call", " in", " statement", " in")
+DOC += _ids("a") * 40 + _ids(" statement", "<")
+DEPARTED = _ids(" call", " statement")  # the model copies " call", then skips " in"
+
+
+def _copying() -> NgramIndex:
+    idx = NgramIndex(max_ngram=4, keys=TokenKeys(TEXTS))
+    idx.extend(DOC + _ids("the", " first", "function"))
+    assert idx.continuations(depth=2, limit=1) == [_ids(" call", " in")]
+    idx.extend(DEPARTED)
+    return idx
+
+
+def test_a_copied_passage_keeps_its_place_after_the_model_departs_from_it():
+    fresh = NgramIndex(max_ngram=4, keys=TokenKeys(TEXTS))
+    fresh.extend(DOC + _ids("the", " first", "function") + DEPARTED)
+    # only " statement" matches, twice: alone, the latest occurrence leads; while copying,
+    # the one where the copy has got to
+    assert fresh.continuations(depth=2, limit=1) == [_ids("<", "the")]
+    copying = _copying()
+    assert copying.continuations(depth=2, limit=1) == [_ids(" in", "a")]
+    # a draft whose first token the model did not take does not move the copy's place; one
+    # whose first token it took does
+    refused, taken = copying, _copying()
+    taken.continuations(depth=2, limit=1)
+    refused.extend(_ids("<"))
+    taken.extend(_ids(" in"))
+    refused.continuations(depth=2, limit=1)
+    taken.continuations(depth=2, limit=1)
+    assert refused.copy_at == 3 and taken.copy_at == 6

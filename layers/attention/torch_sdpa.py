@@ -3,8 +3,9 @@ and the CUDA one where flash-attn is missing.
 
 Single-token queries (decodes) are batched: their blocks are gathered into one padded
 [num_single, kv_heads, max_len, head_dim] tensor and masked. Multi-token chunks run one SDPA
-each; a chunk with no cached prefix attends to its own k/v without touching the cache. With
-ALiBi the boolean masks become additive biases (layers/attention/alibi.py).
+each; a chunk with no cached prefix attends to its own k/v without touching the cache, and one
+whose cached prefix is no longer than itself takes the causal kernel too. With ALiBi the
+boolean masks become additive biases (layers/attention/alibi.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,28 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     # index_select over whole blocks as rows is several times faster than advanced indexing.
     rows = cache.view(cache.shape[0], -1).index_select(0, block_ids.flatten())
     return rows.view(*block_ids.shape, *cache.shape[1:])
+
+
+def _causal_after_prefix(q, k_cache, v_cache, meta: AttentionMetadata, i: int, scale: float):
+    """A prompt chunk whose first `start` tokens' K/V are already cached (a shared system
+    prompt, an earlier turn): SDPA's causal kernel aligns the mask top-left, so the chunk's
+    queries go in after `start` zero rows, which makes the problem square, and those rows'
+    outputs are dropped. The causal kernel runs ~1.5x faster than the same attention with
+    an explicit [n, ctx] mask, and the padding costs start^2/2 scores, so this is the path
+    while start <= n. q: [1, heads, n, head_dim]. Returns [1, heads, n, head_dim]."""
+    layout = meta.layout
+    start, n = layout.start_positions[i], layout.query_lens[i]
+    ctx = start + n
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    nb = -(-ctx // layout.block_size)
+    block_ids = torch.tensor(layout.block_tables[i][:nb], dtype=torch.long, device=q.device)
+    keys = _gather(k_cache, block_ids).view(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
+    values = _gather(v_cache, block_ids).view(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
+    padded = torch.cat([q.new_zeros(1, q.shape[1], start, head_dim), q], dim=2)
+    o = F.scaled_dot_product_attention(
+        padded, keys[None], values[None], is_causal=True, scale=scale, enable_gqa=True
+    )
+    return o[:, :, start:]
 
 
 class TorchSDPABackend(AttentionBackend):
@@ -153,6 +176,8 @@ class TorchSDPABackend(AttentionBackend):
                     scale=scale,
                     enable_gqa=True,
                 )
+            elif plain and start <= n:
+                o = _causal_after_prefix(qc, k_cache, v_cache, meta, i, scale)
             else:
                 block_ids, mask = self._chunk(meta, i, q.device, sliding_window, alibi_slopes)
                 ctx = start + n

@@ -62,6 +62,12 @@ def build_tree(runs: list[list[int]], budget: int) -> DraftTree:
     )
 
 
+# In steps that carry no trees, each sequence still drafts a chain this deep, unverified, and
+# counts how much of it the next plain steps produce (`Drafter.shadow`): short, so the count
+# is known within two steps, and an underestimate of what a tree would get accepted.
+SHADOW_DEPTH = 2
+
+
 @dataclass
 class SeqDraftState:
     index: NgramIndex
@@ -71,6 +77,9 @@ class SeqDraftState:
     steps_since_probe: int = 0
     proposed: int = 0
     accepted: int = 0
+    # The unverified chain of the latest step without trees, and the sequence's length then
+    shadow: list[int] | None = None
+    shadow_at: int = 0
 
 
 @dataclass
@@ -100,14 +109,36 @@ class Drafter:
         if self.shared is None:
             self.shared = SharedNgrams(self.max_ngram, self.max_depth)
 
-    def track(self, seq_id: int, tokens: list[int]) -> None:
+    def _state(self, seq_id: int) -> SeqDraftState:
         st = self.states.get(seq_id)
         if st is None:
             st = self.states[seq_id] = SeqDraftState(NgramIndex(self.max_ngram, self.keys))
+        return st
+
+    def track(self, seq_id: int, tokens: list[int]) -> None:
+        st = self._state(seq_id)
         # A pre-empted sequence keeps its tokens; only new ones are indexed
         new = tokens[len(st.index.tokens) :]
         if new:
             st.index.extend(new)
+
+    def shadow(self, decoding: list[tuple[int, list[int]]]) -> None:
+        """A decode step that carries no trees because they have not been paying
+        (`drafts_pay`): for each (seq_id, tokens), how much of its previous shadow chain the
+        tokens since then repeat goes into the costs' acceptance average, once known, and a
+        new chain is drafted. Without this the gate learns that trees pay again (the model
+        went back to quoting after a departure) only from a rare exploring step."""
+        for seq_id, tokens in decoding:
+            self.track(seq_id, tokens)
+            st = self.states[seq_id]
+            if st.shadow is not None:
+                came = tokens[st.shadow_at : st.shadow_at + len(st.shadow)]
+                hits = next((i for i, (a, b) in enumerate(zip(came, st.shadow)) if a != b), None)
+                if hits is None and len(came) < len(st.shadow):
+                    continue  # right so far, not yet complete
+                self.costs.observe_shadow(len(decoding), len(came) if hits is None else hits)
+            runs = st.index.continuations(SHADOW_DEPTH, 1)
+            st.shadow, st.shadow_at = (runs[0], len(tokens)) if runs else (None, 0)
 
     def forget(self, seq_id: int, output_tokens: list[int]) -> None:
         self.states.pop(seq_id, None)
@@ -118,9 +149,7 @@ class Drafter:
         """Tokens to draft for this sequence now: four per token it has been accepting, plus
         four (verifying 5-20 tokens costs a CPU decode step 1.1-1.7x, BENCHMARKS.md); a
         sequence that accepts nothing is probed with one token every 8 steps."""
-        st = self.states.get(seq_id)
-        if st is None:
-            st = self.states[seq_id] = SeqDraftState(NgramIndex(self.max_ngram, self.keys))
+        st = self._state(seq_id)
         if st.accepted_ema < 0.1:
             st.steps_since_probe += 1
             if st.steps_since_probe < 8:
@@ -147,6 +176,7 @@ class Drafter:
             return None
         self.track(seq_id, tokens)
         st = self.states[seq_id]
+        st.shadow = None  # a real tree's acceptance is measured now
         depth = min(self.max_depth, budget)
         branches = max(self.max_branches, -(-budget // depth))
         runs = st.index.continuations(depth, branches)

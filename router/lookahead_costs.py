@@ -23,8 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# One decode step in this many explores the choice not taken; a step with trees that costs k
-# plain ones explores k times as rarely, so exploring never costs more than ~1/16 of the time.
+# One decode step in this many explores the choice not taken, and k times as rarely where the
+# choice taken gives k times the tokens per second (a losing tree step costs about k plain
+# ones; a plain step among winning trees gives 1/k of their tokens): exploring never costs
+# more than ~1/16 of the time.
 EXPLORE_EVERY = 16
 _SMOOTHING = 0.2  # weight of the newest step in each average
 
@@ -67,6 +69,11 @@ class StepCosts:
                 _average(self.rows_time, padded_rows, seconds)
                 _average(self.rows_accepted, padded_rows, accepted)
 
+    def observe_shadow(self, num_seqs: int, accepted: int) -> None:
+        """What one sequence's unverified draft in a step of this many would have got
+        accepted (router/lookahead.py: Drafter.shadow)."""
+        _average(self.accepted, batch_bucket(num_seqs), accepted)
+
     def best_rows(self, candidates: list[int]) -> int:
         """Of these padded row counts (ascending), the one whose tree steps have given the
         most tokens per second; unmeasured ones first, smallest first."""
@@ -92,9 +99,11 @@ class StepCosts:
         if plain is None or tree is None:
             choice = tree is None  # measure whichever is unknown first
         else:
-            choice = (1 + self.accepted[key]) * plain > tree
-            if not choice:
-                every = round(EXPLORE_EVERY * max(1.0, tree / plain))
+            # tokens per second with trees over without: the loser is explored that much
+            # more rarely, whichever it is
+            gain = (1 + self.accepted[key]) * plain / tree
+            choice = gain > 1
+            every = round(EXPLORE_EVERY * max(gain, 1 / gain))
         self.steps_since_explore += 1
         if self.steps_since_explore >= every:
             self.steps_since_explore = 0

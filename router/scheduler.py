@@ -144,6 +144,9 @@ class Scheduler:
         if self.drafter is None or not decoding:
             return 0
         if not self.drafter.drafts_pay(len(decoding), with_prefill):
+            self.drafter.shadow(
+                [(s.seq_id, s.token_ids) for s in decoding if not s.params.sampling.has_penalties]
+            )
             return 0
         return self.drafter.step_budget - len(decoding)
 

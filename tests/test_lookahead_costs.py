@@ -20,8 +20,17 @@ def test_trees_draft_where_their_gain_outweighs_their_cost():
     costs = StepCosts()
     costs.observe(1, accepted=None, seconds=0.010)
     costs.observe(1, accepted=2, seconds=0.025)  # 3 tokens for the time of 2.5 plain steps
-    assert _decide(costs, 1, EXPLORE_EVERY - 1) == [True] * (EXPLORE_EVERY - 1)
+    every = round(EXPLORE_EVERY * 1.2)  # trees give 1.2x the tokens per second
+    assert _decide(costs, 1, every - 1) == [True] * (every - 1)
     assert not costs.worth_drafting(1)  # the exploration step runs plain
+
+
+def test_winning_trees_explore_plain_steps_as_rarely_as_they_cost():
+    costs = StepCosts()
+    costs.observe(1, accepted=None, seconds=0.04)
+    costs.observe(1, accepted=5, seconds=0.06)  # 6 tokens for 1.5 steps' time: 4x
+    choices = _decide(costs, 1, 4 * EXPLORE_EVERY)
+    assert choices.count(False) == 1  # one plain step in 4 x 16
 
 
 def test_losing_trees_are_explored_as_rarely_as_they_cost():

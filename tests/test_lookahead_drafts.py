@@ -55,6 +55,33 @@ def test_shared_pool_drafts_from_other_requests_output():
     assert tree is not None and tree.tokens == [42, 43, 44]
 
 
+def test_steps_without_trees_learn_from_unverified_chains_that_trees_pay_again():
+    d = Drafter(max_depth=8)
+    d.costs.observe(1, accepted=None, seconds=0.040)
+    d.costs.observe(1, accepted=0, seconds=0.055)  # the model stopped quoting: trees lose
+    passage = [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]
+    tokens = [5, *passage, 6, 20]  # then it quotes the passage again, a token per plain step
+    assert not d.drafts_pay(1, with_prefill=False)
+    d.shadow([(1, tokens)])
+    assert d.states[1].shadow == [21, 22]
+    plain_steps = 0
+    while not d.drafts_pay(1, with_prefill=False):
+        plain_steps += 1
+        tokens = tokens + [passage[plain_steps]]
+        d.shadow([(1, tokens)])
+    # the first chain, produced whole, is enough (an exploring step would take 16)
+    assert plain_steps == 2 and d.costs.accepted[1] > 55 / 40 - 1
+
+
+def test_a_wrong_unverified_chain_counts_what_it_got_right():
+    d = Drafter(max_depth=8)
+    d.shadow([(1, [1, 2, 3, 1, 2])])  # chain (3, 1)
+    d.shadow([(1, [1, 2, 3, 1, 2, 3])])  # right so far
+    assert d.costs.accepted == {}
+    d.shadow([(1, [1, 2, 3, 1, 2, 3, 7])])
+    assert d.costs.accepted == {1: 1}
+
+
 # -- the scheduler against a fake greedy model --------------------------------------------------
 
 

@@ -71,7 +71,8 @@ def _measure(folder: str, lookahead: bool, args) -> dict:
     params = GenerationParams(max_tokens=args.max_tokens, sampling=SamplingParams(temperature=0.0))
     out = {}
     with LLM(folder, kv_cache_memory=2**29, max_model_len=4096, use_lookahead=lookahead,
-             num_speculative_tokens=args.depth, quantization=args.quantization) as llm:  # fmt: skip
+             num_speculative_tokens=args.depth, quantization=args.quantization,
+             device=args.device, enforce_eager=args.enforce_eager) as llm:  # fmt: skip
         prompts = _prompts(llm)
         llm.generate(prompts["warmup"], params)
         for name in ("rag", "chat", "mixed"):
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--depth", type=int, default=8, help="NUM_SPECULATIVE_TOKENS")
     p.add_argument("--quantization", default="none", help="QUANTIZATION for both runs")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--enforce-eager", type=int, default=1, help="0: CUDA graphs for plain decode steps"
+    )
     p.add_argument(
         "--rounds", type=int, default=3, help="fresh engines per mode, alternating; medians"
     )

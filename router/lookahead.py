@@ -128,6 +128,8 @@ class Drafter:
         tokens since then repeat goes into the costs' acceptance average, once known, and a
         new chain is drafted. Without this the gate learns that trees pay again (the model
         went back to quoting after a departure) only from a rare exploring step."""
+        # a real step's draft room, shared by its sequences, bounds what each could get
+        room = max(self.step_budget - len(decoding), 0) / max(len(decoding), 1)
         for seq_id, tokens in decoding:
             self.track(seq_id, tokens)
             st = self.states[seq_id]
@@ -136,7 +138,8 @@ class Drafter:
                 hits = next((i for i, (a, b) in enumerate(zip(came, st.shadow)) if a != b), None)
                 if hits is None and len(came) < len(st.shadow):
                     continue  # right so far, not yet complete
-                self.costs.observe_shadow(len(decoding), len(came) if hits is None else hits)
+                right = len(came) if hits is None else hits
+                self.costs.observe_shadow(len(decoding), min(right, room))
             runs = st.index.continuations(SHADOW_DEPTH, 1)
             st.shadow, st.shadow_at = (runs[0], len(tokens)) if runs else (None, 0)
 

@@ -69,7 +69,7 @@ class StepCosts:
                 _average(self.rows_time, padded_rows, seconds)
                 _average(self.rows_accepted, padded_rows, accepted)
 
-    def observe_shadow(self, num_seqs: int, accepted: int) -> None:
+    def observe_shadow(self, num_seqs: int, accepted: float) -> None:
         """What one sequence's unverified draft in a step of this many would have got
         accepted (router/lookahead.py: Drafter.shadow)."""
         _average(self.accepted, batch_bucket(num_seqs), accepted)

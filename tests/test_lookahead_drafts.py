@@ -82,6 +82,14 @@ def test_a_wrong_unverified_chain_counts_what_it_got_right():
     assert d.costs.accepted == {1: 1}
 
 
+def test_unverified_chains_count_no_more_than_a_step_s_draft_room_allows():
+    d = Drafter(max_depth=8, step_budget=32)
+    seqs = [(i, [1, 2, 3, 1, 2]) for i in range(16)]  # each drafts (3, 1)
+    d.shadow(seqs)
+    d.shadow([(i, t + [3, 1]) for i, t in seqs])  # all right, but 16 draft tokens to share
+    assert d.costs.accepted == {16: 1.0}
+
+
 # -- the scheduler against a fake greedy model --------------------------------------------------
 
 

@@ -62,9 +62,9 @@ def build_tree(runs: list[list[int]], budget: int) -> DraftTree:
     )
 
 
-# In steps that carry no trees, each sequence still drafts a chain this deep, unverified, and
-# counts how much of it the next plain steps produce (`Drafter.shadow`): short, so the count
-# is known within two steps, and an underestimate of what a tree would get accepted.
+# In steps that give a sequence no tree, it still drafts a chain this deep, unverified, and
+# counts how much of it the next plain steps produce (a shadow chain): short, so the count is
+# known within two steps, and an underestimate of what a tree would get accepted.
 SHADOW_DEPTH = 2
 
 
@@ -74,10 +74,10 @@ class SeqDraftState:
     # Mean accepted draft tokens per verified step, smoothed; starts hopeful so a sequence
     # gets to show what it accepts.
     accepted_ema: float = 2.0
-    steps_since_probe: int = 0
     proposed: int = 0
     accepted: int = 0
-    # The unverified chain of the latest step without trees, and the sequence's length then
+    # The unverified chain of the latest step that gave the sequence no tree (the cost gate
+    # said no, or it has been accepting nothing), and the sequence's length then
     shadow: list[int] | None = None
     shadow_at: int = 0
 
@@ -124,41 +124,52 @@ class Drafter:
 
     def shadow(self, decoding: list[tuple[int, list[int]]]) -> None:
         """A decode step that carries no trees because they have not been paying
-        (`drafts_pay`): for each (seq_id, tokens), how much of its previous shadow chain the
-        tokens since then repeat goes into the costs' acceptance average, once known, and a
-        new chain is drafted. Without this the gate learns that trees pay again (the model
-        went back to quoting after a departure) only from a rare exploring step."""
+        (`drafts_pay`): for each (seq_id, tokens), what its shadow chain got right goes into
+        the costs' acceptance average, once known. Without this the gate learns that trees
+        pay again (the model went back to quoting after a departure) only from a rare
+        exploring step."""
         # a real step's draft room, shared by its sequences, bounds what each could get
         room = max(self.step_budget - len(decoding), 0) / max(len(decoding), 1)
         for seq_id, tokens in decoding:
-            self.track(seq_id, tokens)
-            st = self.states[seq_id]
-            if st.shadow is not None:
-                came = tokens[st.shadow_at : st.shadow_at + len(st.shadow)]
-                hits = next((i for i, (a, b) in enumerate(zip(came, st.shadow)) if a != b), None)
-                if hits is None and len(came) < len(st.shadow):
-                    continue  # right so far, not yet complete
-                right = len(came) if hits is None else hits
+            right = self._shadow_result(seq_id, tokens)
+            if right is not None:
                 self.costs.observe_shadow(len(decoding), min(right, room))
-            runs = st.index.continuations(SHADOW_DEPTH, 1)
-            st.shadow, st.shadow_at = (runs[0], len(tokens)) if runs else (None, 0)
+
+    def _shadow_result(self, seq_id: int, tokens: list[int]) -> int | None:
+        """How many tokens of the sequence's shadow chain `tokens` repeat, once known, when
+        the next chain is drafted (also where there was none); None while it is right so
+        far or unknown."""
+        self.track(seq_id, tokens)
+        st = self.states[seq_id]
+        right = None
+        if st.shadow is not None:
+            came = tokens[st.shadow_at : st.shadow_at + len(st.shadow)]
+            wrong = next((i for i, (a, b) in enumerate(zip(came, st.shadow)) if a != b), None)
+            if wrong is None and len(came) < len(st.shadow):
+                return None
+            right = len(came) if wrong is None else wrong
+        runs = st.index.continuations(SHADOW_DEPTH, 1)
+        st.shadow, st.shadow_at = (runs[0], len(tokens)) if runs else (None, 0)
+        return right
 
     def forget(self, seq_id: int, output_tokens: list[int]) -> None:
         self.states.pop(seq_id, None)
         if output_tokens:
             self.shared.add(output_tokens)
 
-    def budget_for(self, seq_id: int) -> int:
+    def budget_for(self, seq_id: int, tokens: list[int]) -> int:
         """Tokens to draft for this sequence now: four per token it has been accepting, plus
-        four (verifying 5-20 tokens costs a CPU decode step 1.1-1.7x, BENCHMARKS.md); a
-        sequence that accepts nothing is probed with one token every 8 steps."""
+        four (verifying 5-20 tokens costs a CPU decode step 1.1-1.7x, BENCHMARKS.md). A
+        sequence that has been accepting nothing drafts no tree, only a shadow chain, and
+        what that gets right goes into its average: it drafts again as soon as the model
+        repeats text again."""
         st = self._state(seq_id)
         if st.accepted_ema < 0.1:
-            st.steps_since_probe += 1
-            if st.steps_since_probe < 8:
+            right = self._shadow_result(seq_id, tokens)
+            if right is not None:
+                st.accepted_ema = 0.7 * st.accepted_ema + 0.3 * right
+            if st.accepted_ema < 0.1:
                 return 0
-            st.steps_since_probe = 0
-            return 1
         return max(1, min(self.max_depth * self.max_branches, round(4 * st.accepted_ema) + 4))
 
     def fill_rows(self, want: int) -> int:

@@ -128,7 +128,7 @@ class Scheduler:
         sequence (its tree step runs compiled, padded to a row count the tree may fill)."""
         if seq.params.sampling.has_penalties:
             return None  # a penalty would change each draft row's distribution by its path
-        want = self.drafter.budget_for(seq.seq_id)
+        want = self.drafter.budget_for(seq.seq_id, seq.token_ids)
         k = min(
             self.drafter.fill_rows(want) if alone else want,
             room,

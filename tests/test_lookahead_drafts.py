@@ -34,17 +34,19 @@ def test_tree_merges_common_prefixes_depth_first_best_branch_first():
     assert capped.tokens == [5, 6, 7] and capped.parents == [0, 1, 2]
 
 
-def test_budget_follows_acceptance_and_probes_when_nothing_is_accepted():
+def test_budget_follows_acceptance_and_resumes_when_a_shadow_chain_is_right():
     d = Drafter(max_depth=8, max_branches=2)
-    d.track(1, [1, 2, 3])
-    assert d.budget_for(1) == 12  # hopeful start: 4 * 2.0 + 4
+    tokens = [1, 2, 3, 4, 9, 1, 2]
+    assert d.budget_for(1, tokens) == 12  # hopeful start: 4 * 2.0 + 4
     for _ in range(20):
         d.record(1, 4, 0)
-    budgets = [d.budget_for(1) for _ in range(16)]
-    assert budgets.count(1) == 2 and set(budgets) == {0, 1}  # one probe every 8 steps
+    # accepting nothing: no tree, only a shadow chain (3, 4) after (1, 2)
+    assert d.budget_for(1, tokens) == 0 and d.states[1].shadow == [3, 4]
+    assert d.budget_for(1, tokens + [3]) == 0  # right so far
+    assert d.budget_for(1, tokens + [3, 4]) > 0  # both right: trees again
     for _ in range(20):
         d.record(1, 8, 8)
-    assert d.budget_for(1) == 16  # capped at depth x branches
+    assert d.budget_for(1, tokens) == 16  # capped at depth x branches
 
 
 def test_shared_pool_drafts_from_other_requests_output():

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from router.lookahead_costs import StepCosts
 from router.ngrams import NgramIndex, SharedNgrams, TokenKeys
+from router.shadow_drafts import ShadowChains
 from shards.wire import ShardInfo, StepPlan, StepResult
 
 
@@ -62,10 +63,9 @@ def build_tree(runs: list[list[int]], budget: int) -> DraftTree:
     )
 
 
-# In steps that give a sequence no tree, it still drafts a chain this deep, unverified, and
-# counts how much of it the next plain steps produce (a shadow chain): short, so the count is
-# known within two steps, and an underestimate of what a tree would get accepted.
-SHADOW_DEPTH = 2
+# A sequence that has been accepting nothing drafts shadow chains of this many tokens: what a
+# tree would give it once it accepts again.
+RESUME_BUDGET = 4
 
 
 @dataclass
@@ -76,10 +76,9 @@ class SeqDraftState:
     accepted_ema: float = 2.0
     proposed: int = 0
     accepted: int = 0
-    # The unverified chain of the latest step that gave the sequence no tree (the cost gate
-    # said no, or it has been accepting nothing), and the sequence's length then
-    shadow: list[int] | None = None
-    shadow_at: int = 0
+    # Drafts of steps that gave it no tree (the cost gate said no, or it has been accepting
+    # nothing), checked against what it produces next (router/shadow_drafts.py)
+    shadows: ShadowChains = field(default_factory=ShadowChains)
 
 
 @dataclass
@@ -123,34 +122,34 @@ class Drafter:
             st.index.extend(new)
 
     def shadow(self, decoding: list[tuple[int, list[int]]]) -> None:
-        """A decode step that carries no trees because they have not been paying
-        (`drafts_pay`): for each (seq_id, tokens), what its shadow chain got right goes into
-        the costs' acceptance average, once known. Without this the gate learns that trees
-        pay again (the model went back to quoting after a departure) only from a rare
-        exploring step."""
-        # a real step's draft room, shared by its sequences, bounds what each could get
-        room = max(self.step_budget - len(decoding), 0) / max(len(decoding), 1)
+        """A decode step whose sequences carry no trees because trees have not been paying
+        (`drafts_pay`): each (seq_id, tokens) drafts a shadow chain of the share of the
+        step's draft room a step with trees would give it, and the chains that settle go
+        into the costs' acceptance average, one observation a step as a step with trees
+        makes. Without this the gate learns that trees pay again (the model went back to
+        quoting) only from an exploring step."""
+        room = max(self.step_budget - len(decoding), 0)
+        got = []
         for seq_id, tokens in decoding:
-            right = self._shadow_result(seq_id, tokens)
-            if right is not None:
-                self.costs.observe_shadow(len(decoding), min(right, room))
+            self.track(seq_id, tokens)
+            st = self.states[seq_id]
+            got += [min(right, given) for right, given in st.shadows.settle(tokens)]
+            share = min(self._want(st), room)
+            room -= share
+            if not self._draft_shadow(st, tokens, share):
+                got.append(0)  # a tree step would get nothing from it either
+        if got:
+            self.costs.observe_shadow(len(decoding), sum(got) / len(got))
 
-    def _shadow_result(self, seq_id: int, tokens: list[int]) -> int | None:
-        """How many tokens of the sequence's shadow chain `tokens` repeat, once known, when
-        the next chain is drafted (also where there was none); None while it is right so
-        far or unknown."""
-        self.track(seq_id, tokens)
-        st = self.states[seq_id]
-        right = None
-        if st.shadow is not None:
-            came = tokens[st.shadow_at : st.shadow_at + len(st.shadow)]
-            wrong = next((i for i, (a, b) in enumerate(zip(came, st.shadow)) if a != b), None)
-            if wrong is None and len(came) < len(st.shadow):
-                return None
-            right = len(came) if wrong is None else wrong
-        runs = st.index.continuations(SHADOW_DEPTH, 1)
-        st.shadow, st.shadow_at = (runs[0], len(tokens)) if runs else (None, 0)
-        return right
+    def _draft_shadow(self, st: SeqDraftState, tokens: list[int], share: int) -> bool:
+        # as deep as a tree would be: shorter chains would settle sooner but undercount
+        # what trees get where the model quotes (measured: the mixed load of
+        # bench-lookahead ran 1.00x plain with two-token chains, 1.07x with these)
+        depth = min(share, self.max_depth)
+        runs = st.index.continuations(depth, 1) if depth > 0 else []
+        if runs:
+            st.shadows.add(runs[0], len(tokens), share)
+        return bool(runs)
 
     def forget(self, seq_id: int, output_tokens: list[int]) -> None:
         self.states.pop(seq_id, None)
@@ -160,16 +159,22 @@ class Drafter:
     def budget_for(self, seq_id: int, tokens: list[int]) -> int:
         """Tokens to draft for this sequence now: four per token it has been accepting, plus
         four (verifying 5-20 tokens costs a CPU decode step 1.1-1.7x, BENCHMARKS.md). A
-        sequence that has been accepting nothing drafts no tree, only a shadow chain, and
-        what that gets right goes into its average: it drafts again as soon as the model
+        sequence that has been accepting nothing drafts no tree, only shadow chains, and
+        what they get right goes into its average: it drafts again as soon as the model
         repeats text again."""
         st = self._state(seq_id)
         if st.accepted_ema < 0.1:
-            right = self._shadow_result(seq_id, tokens)
-            if right is not None:
+            self.track(seq_id, tokens)
+            for right, _ in st.shadows.settle(tokens):
                 st.accepted_ema = 0.7 * st.accepted_ema + 0.3 * right
             if st.accepted_ema < 0.1:
+                self._draft_shadow(st, tokens, RESUME_BUDGET)
                 return 0
+        return self._want(st)
+
+    def _want(self, st: SeqDraftState) -> int:
+        if st.accepted_ema < 0.1:
+            return 0
         return max(1, min(self.max_depth * self.max_branches, round(4 * st.accepted_ema) + 4))
 
     def fill_rows(self, want: int) -> int:
@@ -190,7 +195,7 @@ class Drafter:
             return None
         self.track(seq_id, tokens)
         st = self.states[seq_id]
-        st.shadow = None  # a real tree's acceptance is measured now
+        st.shadows.clear()  # a real tree's acceptance is measured now
         depth = min(self.max_depth, budget)
         branches = max(self.max_branches, -(-budget // depth))
         runs = st.index.continuations(depth, branches)

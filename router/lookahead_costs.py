@@ -10,7 +10,9 @@ tokens that steps with trees got accepted. What a step's trees gain is measured 
 step, not predicted from each sequence's acceptance: with many sequences the step's draft room
 covers only some of them, and some find nothing to draft. A step of n sequences drafts when
 (n + accepted) / tree time > n / plain time. Now and then a step takes the other choice, so
-the costs and the gain stay measured as contexts grow and the text changes.
+the costs and the gain stay measured as contexts grow and the text changes; and while steps
+run without trees, each sequence's shadow chains (router/shadow_drafts.py), drafted as a step
+with trees would have drafted them, keep measuring the gain at no cost.
 
 A step in which one sequence verifies its tree runs compiled at a padded row count
 (ShardInfo.tree_rows), and on CPU each row costs: a 16-row step of the embedded model costs
@@ -70,8 +72,8 @@ class StepCosts:
                 _average(self.rows_accepted, padded_rows, accepted)
 
     def observe_shadow(self, num_seqs: int, accepted: float) -> None:
-        """What one sequence's unverified draft in a step of this many would have got
-        accepted (router/lookahead.py: Drafter.shadow)."""
+        """What the unverified drafts of a step of this many sequences would have got
+        accepted, per sequence (router/lookahead.py: Drafter.shadow)."""
         _average(self.accepted, batch_bucket(num_seqs), accepted)
 
     def best_rows(self, candidates: list[int]) -> int:

@@ -34,16 +34,13 @@ def test_tree_merges_common_prefixes_depth_first_best_branch_first():
     assert capped.tokens == [5, 6, 7] and capped.parents == [0, 1, 2]
 
 
-def test_budget_follows_acceptance_and_resumes_when_a_shadow_chain_is_right():
+def test_budget_follows_acceptance_within_depth_times_branches():
     d = Drafter(max_depth=8, max_branches=2)
     tokens = [1, 2, 3, 4, 9, 1, 2]
     assert d.budget_for(1, tokens) == 12  # hopeful start: 4 * 2.0 + 4
     for _ in range(20):
-        d.record(1, 4, 0)
-    # accepting nothing: no tree, only a shadow chain (3, 4) after (1, 2)
-    assert d.budget_for(1, tokens) == 0 and d.states[1].shadow == [3, 4]
-    assert d.budget_for(1, tokens + [3]) == 0  # right so far
-    assert d.budget_for(1, tokens + [3, 4]) > 0  # both right: trees again
+        d.record(1, 4, 1)
+    assert d.budget_for(1, tokens) == 8
     for _ in range(20):
         d.record(1, 8, 8)
     assert d.budget_for(1, tokens) == 16  # capped at depth x branches
@@ -55,41 +52,6 @@ def test_shared_pool_drafts_from_other_requests_output():
     d.forget(1, [40, 41, 42, 43, 44])
     tree = d.propose(2, [9, 9, 40, 41], budget=4)
     assert tree is not None and tree.tokens == [42, 43, 44]
-
-
-def test_steps_without_trees_learn_from_unverified_chains_that_trees_pay_again():
-    d = Drafter(max_depth=8)
-    d.costs.observe(1, accepted=None, seconds=0.040)
-    d.costs.observe(1, accepted=0, seconds=0.055)  # the model stopped quoting: trees lose
-    passage = [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]
-    tokens = [5, *passage, 6, 20]  # then it quotes the passage again, a token per plain step
-    assert not d.drafts_pay(1, with_prefill=False)
-    d.shadow([(1, tokens)])
-    assert d.states[1].shadow == [21, 22]
-    plain_steps = 0
-    while not d.drafts_pay(1, with_prefill=False):
-        plain_steps += 1
-        tokens = tokens + [passage[plain_steps]]
-        d.shadow([(1, tokens)])
-    # the first chain, produced whole, is enough (an exploring step would take 16)
-    assert plain_steps == 2 and d.costs.accepted[1] > 55 / 40 - 1
-
-
-def test_a_wrong_unverified_chain_counts_what_it_got_right():
-    d = Drafter(max_depth=8)
-    d.shadow([(1, [1, 2, 3, 1, 2])])  # chain (3, 1)
-    d.shadow([(1, [1, 2, 3, 1, 2, 3])])  # right so far
-    assert d.costs.accepted == {}
-    d.shadow([(1, [1, 2, 3, 1, 2, 3, 7])])
-    assert d.costs.accepted == {1: 1}
-
-
-def test_unverified_chains_count_no_more_than_a_step_s_draft_room_allows():
-    d = Drafter(max_depth=8, step_budget=32)
-    seqs = [(i, [1, 2, 3, 1, 2]) for i in range(16)]  # each drafts (3, 1)
-    d.shadow(seqs)
-    d.shadow([(i, t + [3, 1]) for i, t in seqs])  # all right, but 16 draft tokens to share
-    assert d.costs.accepted == {16: 1.0}
 
 
 # -- the scheduler against a fake greedy model --------------------------------------------------

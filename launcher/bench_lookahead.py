@@ -1,6 +1,7 @@
 """`shardserve bench-lookahead`: lookahead vs plain greedy decoding on the offline engine, in one
 run: (a) RAG-style, a ~1,000-token document and a request whose answer quotes it, one at a time;
-(b) ordinary chat prompts, one at a time; (c) 16 at once, half of each. Output tok/s of each
+(b) ordinary chat prompts, one at a time; (c) 16 at once, half of each; (d) 16 different chat
+prompts at once, where drafts rarely pay. Output tok/s of each
 against plain (end to end, and after each request's first token: the decode phase, which is
 what lookahead changes), the draft acceptance rate and the mean accepted tokens per
 verification.
@@ -41,6 +42,23 @@ CHAT = (
     "Explain how a refrigerator works.",
     "What are three tips for learning a new language?",
 )
+# (d): sixteen different chat requests at once, where drafts rarely pay: lookahead must not
+# make them slower
+CHAT_16 = CHAT[1:] + (
+    "Describe a sunset over the mountains.",
+    "Why is the sky blue?",
+    "Give me a recipe for pancakes.",
+    "What is machine learning?",
+    "How do airplanes stay in the air?",
+    "Write a limerick about a cat.",
+    "What should I pack for a weekend hike?",
+    "Explain photosynthesis to a child.",
+    "What are the benefits of regular exercise?",
+    "How does a compass work?",
+    "Suggest a name for a coffee shop.",
+    "Summarize the plot of Romeo and Juliet.",
+    "What is the difference between weather and climate?",
+)
 
 
 def _document(modules: tuple[str, ...], tokenizer, max_tokens: int = 1000) -> str:
@@ -55,8 +73,15 @@ def _prompts(llm) -> dict[str, list[list[int]]]:
     ]
     chat = [llm.encode_chat([{"role": "user", "content": c}]) for c in CHAT]
     mixed = (rag[1:] * 4)[:8] + (chat[1:] * 3)[:8]
+    chat16 = [llm.encode_chat([{"role": "user", "content": c}]) for c in CHAT_16]
     # warm-up on the first of each kind; measure on the others
-    return {"warmup": [rag[0], chat[0]], "rag": rag[1:], "chat": chat[1:], "mixed": mixed}
+    return {
+        "warmup": [rag[0], chat[0]],
+        "rag": rag[1:],
+        "chat": chat[1:],
+        "mixed": mixed,
+        "chat16": chat16,
+    }
 
 
 def _draft_counts(s) -> tuple[int, int, int]:
@@ -75,10 +100,10 @@ def _measure(folder: str, lookahead: bool, args) -> dict:
              device=args.device, enforce_eager=args.enforce_eager) as llm:  # fmt: skip
         prompts = _prompts(llm)
         llm.generate(prompts["warmup"], params)
-        for name in ("rag", "chat", "mixed"):
+        for name in ("rag", "chat", "mixed", "chat16"):
             before = _draft_counts(llm.scheduler)
             t = time.perf_counter()
-            if name == "mixed":
+            if name in ("mixed", "chat16"):
                 done = llm.generate(prompts[name], params)
             else:  # concurrency 1: one request after the other
                 done = [c for p in prompts[name] for c in llm.generate([p], params)]
@@ -127,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
              f"{'decode ratio':>13s} {'accepted':>9s} {'per verify':>11s} "
              f"{'same output':>12s}"]  # fmt: skip
     report = {}
-    titles = {"rag": "(a) RAG, c=1", "chat": "(b) chat, c=1", "mixed": "(c) 16 mixed at once"}
+    titles = {
+        "rag": "(a) RAG, c=1",
+        "chat": "(b) chat, c=1",
+        "mixed": "(c) 16 mixed at once",
+        "chat16": "(d) 16 chats at once",
+    }
     for name, title in titles.items():
         plain = [run[name] for run in runs[False]]
         ahead = [run[name] for run in runs[True]]

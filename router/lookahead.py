@@ -138,8 +138,8 @@ class Drafter:
             room -= share
             if not self._draft_shadow(st, tokens, share):
                 got.append(0)  # a tree step would get nothing from it either
-        if got:
-            self.costs.observe_shadow(len(decoding), sum(got) / len(got))
+        context = sum(len(t) for _, t in decoding) // max(len(decoding), 1)
+        self.costs.observe_shadow(len(decoding), got, context)
 
     def _draft_shadow(self, st: SeqDraftState, tokens: list[int], share: int) -> bool:
         # as deep as a tree would be: shorter chains would settle sooner but undercount
@@ -220,27 +220,41 @@ class Drafter:
             keys=keys,
         )
 
-    def drafts_pay(self, num_decodes: int, with_prefill: bool) -> bool:
-        """Whether this step's decodes should carry trees (lookahead_costs.py). A step that
-        also runs prompt chunks runs eagerly anyway: there trees only add their rows."""
+    def drafts_pay(
+        self, num_decodes: int, with_prefill: bool, queued: bool = False, context: int = 0
+    ) -> bool:
+        """Whether this step's decodes (of this mean length) should carry trees
+        (lookahead_costs.py; `queued`: requests wait for a place). A step that also runs
+        prompt chunks runs eagerly anyway: there trees only add their rows."""
         if not self.gate_on_cost or with_prefill:
             return True
-        return self.costs.worth_drafting(num_decodes)
+        return self.costs.worth_drafting(num_decodes, queued, context)
 
     def observe(self, plan: StepPlan, result: StepResult, seconds: float) -> None:
         """A finished step and the seconds it took, if it was decode-only."""
+        if not plan.seqs:
+            return
         trees = False
         for s in plan.seqs:
             if s.draft_parents is not None:
                 trees = True
             elif len(s.token_ids) > 1:
                 return  # a prompt chunk: not a decode-only step
-        accepted = sum(len(o.accepted or ()) for o in result.outputs) if trees else None
+        accepted = [len(o.accepted or ()) for o in result.outputs] if trees else None
         padded = None
         if trees and len(plan.seqs) == 1:
             rows = len(plan.seqs[0].token_ids)
             padded = next((r for r in self.tree_rows if r >= rows), None)
-        self.costs.observe(len(plan.seqs), accepted, seconds, padded)
+            path = result.outputs[0].accepted or []
+            for smaller in self.tree_rows:
+                if smaller < rows:
+                    # The tree's first `smaller - 1` nodes (depth-first) are a tree of that
+                    # size; what it would have got accepted is the path's part within them.
+                    # So the smaller sizes are measured on the same text as the size run.
+                    within = next((i for i, n in enumerate(path) if n >= smaller), len(path))
+                    self.costs.observe_rows_accepted(smaller, within)
+        context = sum(s.start_pos for s in plan.seqs) // len(plan.seqs) + 1
+        self.costs.observe(len(plan.seqs), accepted, seconds, padded, context)
 
     def record(self, seq_id: int, proposed: int, accepted: int) -> None:
         st = self.states.get(seq_id)

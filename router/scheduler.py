@@ -143,7 +143,8 @@ class Scheduler:
         been paying for themselves (router/lookahead_costs.py)."""
         if self.drafter is None or not decoding:
             return 0
-        if not self.drafter.drafts_pay(len(decoding), with_prefill):
+        context = sum(s.num_tokens for s in decoding) // len(decoding)
+        if not self.drafter.drafts_pay(len(decoding), with_prefill, bool(self.waiting), context):
             self.drafter.shadow(
                 [(s.seq_id, s.token_ids) for s in decoding if not s.params.sampling.has_penalties]
             )

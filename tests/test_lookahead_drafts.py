@@ -11,7 +11,7 @@ from router.lookahead import Drafter, NgramIndex, build_tree
 from router.params import GenerationParams
 from router.scheduler import Scheduler, SchedulerConfig
 from router.sequence import Sequence
-from shards.wire import SamplingParams, SeqOutput, StepPlan, StepResult
+from shards.wire import SamplingParams, ScheduledSeq, SeqOutput, StepPlan, StepResult
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -166,10 +166,21 @@ def test_trees_of_one_sequence_fill_the_padded_row_counts():
     d = Drafter(max_depth=8, max_branches=2, tree_rows=(8, 16, 32))
     assert d.fill_rows(5) == 7  # 6 rows pad to 8: the other two hold draft tokens too
     assert d.fill_rows(16) == 7  # 16 is nearest, 8 unmeasured: tried first
-    d.costs.observe(1, accepted=5, seconds=0.03, padded_rows=8)
+    d.costs.observe(1, accepted=[5], seconds=0.03, padded_rows=8)
     assert d.fill_rows(16) == 15  # then 16 rows
     assert d.fill_rows(0) == 0  # nothing wanted: nothing drafted
     assert Drafter(max_depth=8, tree_rows=()).fill_rows(5) == 5  # no compiled tree steps
     # 32 rows would need more than two branches of 8: never chosen
-    d.costs.observe(1, accepted=15, seconds=0.03, padded_rows=16)
+    d.costs.observe(1, accepted=[15], seconds=0.03, padded_rows=16)
     assert all(d.fill_rows(40) in (7, 15) for _ in range(40))
+
+
+def test_a_bigger_tree_s_step_measures_what_the_smaller_sizes_would_have_got():
+    d = Drafter(max_depth=8, max_branches=2, tree_rows=(8, 16))
+    # 11 draft nodes: the first branch 1..8, a second branching after node 3: 9, 10, 11
+    parents = [0, 1, 2, 3, 4, 5, 6, 7, 3, 9, 10]
+    seq = ScheduledSeq(1, [0] * 12, 40, [0, 1, 2, 3], True, draft_parents=parents)
+    out = SeqOutput(1, [5, 6, 7, 8, 9], accepted=[1, 2, 3, 9, 10])  # the second branch won
+    d.observe(StepPlan(1, [seq]), StepResult(1, [out]), seconds=0.06)
+    assert d.costs.rows_accepted == {16: 5, 8: 3}  # an 8-row tree holds nodes 1..7 only
+    assert d.costs.rows_time == {16: 0.06}

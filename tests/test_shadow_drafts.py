@@ -37,7 +37,7 @@ def test_a_sequence_accepting_nothing_resumes_when_its_shadow_chains_come_true()
 def test_steps_without_trees_learn_from_shadow_chains_that_trees_pay_again():
     d = Drafter(max_depth=8)
     d.costs.observe(1, accepted=None, seconds=0.040)
-    d.costs.observe(1, accepted=0, seconds=0.055)  # the model stopped quoting: trees lose
+    d.costs.observe(1, accepted=[0], seconds=0.055)  # the model stopped quoting: trees lose
     passage = list(range(20, 40))
     tokens = [5, *passage, 6, 20]  # then it quotes the passage again, a token per plain step
     steps = 0
@@ -47,7 +47,7 @@ def test_steps_without_trees_learn_from_shadow_chains_that_trees_pay_again():
         tokens = tokens + [passage[steps]]
     # the first chain (as deep as a tree would be) settles right to its end: trees pay; an
     # exploring step would come after 16 to 20
-    assert steps == 8 + 1 and d.costs.accepted[1] > 55 / 40 - 1
+    assert steps == 8 + 1 and d.costs.accepted[1, 64] > 55 / 40 - 1
 
 
 def test_a_step_s_shadow_chains_count_once_each_within_its_share_of_the_draft_room():
@@ -57,7 +57,7 @@ def test_a_step_s_shadow_chains_count_once_each_within_its_share_of_the_draft_ro
     # (4 x 2.0 + 4), the second gets the 4 left, the others none
     d.shadow(seqs)
     assert [len(d.states[i].shadows.pending) for i in range(3)] == [1, 1, 0]
-    assert d.costs.accepted == {16: 0.0}  # 14 with nothing to draft: one observation of 0
+    assert d.costs.accepted == {(16, 64): 0.0}  # 14 with nothing to draft: one observation
     d.shadow([(i, t + [3, 1, 2]) for i, t in seqs])
     # both chains right to their end (3 tokens each), 14 zeros again: one observation
-    assert d.costs.accepted[16] == 0.8 * 0.0 + 0.2 * (6 / 16)
+    assert d.costs.accepted[16, 64] == 0.8 * 0.0 + 0.2 * (6 / 16)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 # ones; a plain step among winning trees gives 1/k of their tokens): exploring never costs
 # more than ~1/16 of the time.
 EXPLORE_EVERY = 16
+TREES_EXPLORED_LESS = 4
 _SMOOTHING = 0.2  # weight of the newest step in each average
 
 
@@ -157,10 +158,12 @@ class StepCosts:
             # middle sequence's.
             accepted = (self.accepted if queued else self.accepted_low)[key]
             # tokens per second with trees over without: the loser is explored that much
-            # more rarely, whichever it is
+            # more rarely, whichever it is; losing trees another TREES_EXPLORED_LESS times
+            # as rarely, since shadow chains keep measuring what they would get accepted and
+            # an exploring step only refreshes what they cost
             gain = (1 + accepted) * plain / tree
             choice = gain > 1
-            every = round(EXPLORE_EVERY * max(gain, 1 / gain))
+            every = round(EXPLORE_EVERY * (gain if choice else TREES_EXPLORED_LESS / gain))
         self.steps_since_explore += 1
         if self.steps_since_explore >= every:
             self.steps_since_explore = 0

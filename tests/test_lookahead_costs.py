@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router.lookahead_costs import EXPLORE_EVERY, StepCosts
+from router.lookahead_costs import EXPLORE_EVERY, TREES_EXPLORED_LESS, StepCosts
 
 
 def _decide(costs: StepCosts, n: int, steps: int) -> list[bool]:
@@ -36,10 +36,11 @@ def test_winning_trees_explore_plain_steps_as_rarely_as_they_cost():
 def test_losing_trees_are_explored_as_rarely_as_they_cost():
     costs = StepCosts()
     costs.observe(16, accepted=None, seconds=0.06)
-    # 4 steps' time for 1.25 steps' tokens
+    # 4 steps' time, and the sequence in the middle gets nothing
     costs.observe(16, accepted=[1] * 4 + [0] * 12, seconds=0.24)
-    choices = _decide(costs, 16, 4 * EXPLORE_EVERY)
-    assert choices.count(True) == 1  # one exploration in 4 x 16 steps
+    # one exploration in 4 x 16 steps, and TREES_EXPLORED_LESS times as rarely again
+    every = 4 * EXPLORE_EVERY * TREES_EXPLORED_LESS
+    assert _decide(costs, 16, every).count(True) == 1
 
 
 def test_the_gain_counts_every_sequence_even_those_not_drafting():

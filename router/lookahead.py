@@ -142,9 +142,9 @@ class Drafter:
         self.costs.observe_shadow(len(decoding), got, context)
 
     def _draft_shadow(self, st: SeqDraftState, tokens: list[int], share: int) -> bool:
-        # as deep as a tree would be: shorter chains would settle sooner but undercount
-        # what trees get where the model quotes (measured: the mixed load of
-        # bench-lookahead ran 1.00x plain with two-token chains, 1.07x with these)
+        # as deep as a tree would be: shorter chains would settle sooner but undercount what
+        # trees get where the model quotes (two-token chains kept the gate from the trees
+        # that paid in bench-lookahead's mixed load)
         depth = min(share, self.max_depth)
         runs = st.index.continuations(depth, 1) if depth > 0 else []
         if runs:

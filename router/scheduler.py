@@ -140,7 +140,8 @@ class Scheduler:
 
     def _draft_room(self, decoding: list[Sequence], with_prefill: bool) -> int:
         """Draft tokens this step may carry over all its decodes: none where trees have not
-        been paying for themselves (router/lookahead_costs.py)."""
+        been paying for themselves (router/lookahead_costs.py), and then the sequences draft
+        shadow chains instead (router/shadow_drafts.py)."""
         if self.drafter is None or not decoding:
             return 0
         context = sum(s.num_tokens for s in decoding) // len(decoding)

@@ -17,7 +17,7 @@ from shards.compiled_decode import CompiledDecode
 from shards.cuda_graphs import DecodeGraphs
 from shards.kv_cache import KVCache
 from shards.lookahead import accept_greedy, accept_sampled, move_kv
-from shards.sampler import Sampler, SeqSamplingState, sampling_probs
+from shards.sampler import Sampler, SeqSamplingState, greedy_tokens, sampling_probs
 from shards.wire import ScheduledSeq, SeqOutput, StepPlan, StepResult
 
 
@@ -155,7 +155,7 @@ class ModelRunner:
         them."""
         if not trees:
             return
-        choices = logits.argmax(dim=-1).tolist()
+        choices = greedy_tokens(logits).tolist()
         first = 0
         for s in trees:
             n = len(s.token_ids)

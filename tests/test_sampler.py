@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from shards.sampler import Sampler, SeqSamplingState, sampling_probs
+from shards.sampler import Sampler, SeqSamplingState, greedy_tokens, sampling_probs
 from shards.wire import SamplingParams
 
 CPU = torch.device("cpu")
@@ -61,6 +61,17 @@ def _random_logits(rows: int, vocab: int, seed: int, scale: float = 2.0) -> torc
 
 
 # ---------------------------------------------------------------- temperature 0 is argmax
+
+
+def test_greedy_tokens_pick_the_first_of_tied_maxima_as_argmax():
+    g = torch.Generator().manual_seed(0)
+    # few distinct values, so every row has ties; one row's maximum is the last column only
+    logits = torch.randint(0, 4, (16, 49_152), generator=g).float()
+    logits[3, -1] = 9.0
+    logits[5, 7] = float("nan")  # NaN wins, as in argmax
+    want = logits.argmax(dim=-1)
+    assert want[3] == 49_151 and want[5] == 7
+    assert torch.equal(greedy_tokens(logits), want)
 
 
 def test_temperature_zero_rows_take_argmax_in_mixed_batch():

@@ -133,7 +133,7 @@ class Drafter:
         for seq_id, tokens in decoding:
             self.track(seq_id, tokens)
             st = self.states[seq_id]
-            got += [min(right, given) for right, given in st.shadows.settle(tokens)]
+            got += st.shadows.settle(tokens)
             share = min(self._want(st), room)
             room -= share
             if not self._draft_shadow(st, tokens, share):
@@ -144,11 +144,12 @@ class Drafter:
     def _draft_shadow(self, st: SeqDraftState, tokens: list[int], share: int) -> bool:
         # as deep as a tree would be: shorter chains would settle sooner but undercount what
         # trees get where the model quotes (two-token chains kept the gate from the trees
-        # that paid in bench-lookahead's mixed load)
+        # that paid in bench-lookahead's mixed load); no deeper than the share, so what a
+        # chain gets right is within what the step's draft room would have given it
         depth = min(share, self.max_depth)
         runs = st.index.continuations(depth, 1) if depth > 0 else []
         if runs:
-            st.shadows.add(runs[0], len(tokens), share)
+            st.shadows.add(runs[0], len(tokens))
         return bool(runs)
 
     def forget(self, seq_id: int, output_tokens: list[int]) -> None:
@@ -165,7 +166,7 @@ class Drafter:
         st = self._state(seq_id)
         if st.accepted_ema < 0.1:
             self.track(seq_id, tokens)
-            for right, _ in st.shadows.settle(tokens):
+            for right in st.shadows.settle(tokens):
                 st.accepted_ema = 0.7 * st.accepted_ema + 0.3 * right
             if st.accepted_ema < 0.1:
                 self._draft_shadow(st, tokens, RESUME_BUDGET)

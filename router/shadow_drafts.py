@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 class ShadowChain:
     tokens: list[int]
     at: int  # the sequence's length when drafted: tokens[0] guesses its token `at`
-    share: int  # draft tokens a step with trees would have given the sequence then
 
 
 @dataclass
@@ -24,12 +23,12 @@ class ShadowChains:
 
     pending: list[ShadowChain] = field(default_factory=list)
 
-    def add(self, tokens: list[int], at: int, share: int) -> None:
-        self.pending.append(ShadowChain(tokens, at, share))
+    def add(self, tokens: list[int], at: int) -> None:
+        self.pending.append(ShadowChain(tokens, at))
 
-    def settle(self, sequence: list[int]) -> list[tuple[int, int]]:
-        """(tokens right, share) of each chain the sequence's tokens now settle, by a wrong
-        token or by reaching the chain's end; the others stay pending."""
+    def settle(self, sequence: list[int]) -> list[int]:
+        """The tokens right of each chain the sequence's tokens now settle, by a wrong token
+        or by reaching the chain's end; the others stay pending."""
         settled, pending = [], []
         for c in self.pending:
             came = sequence[c.at : c.at + len(c.tokens)]
@@ -37,7 +36,7 @@ class ShadowChains:
             if wrong is None and len(came) < len(c.tokens):
                 pending.append(c)
             else:
-                settled.append((len(came) if wrong is None else wrong, c.share))
+                settled.append(len(came) if wrong is None else wrong)
         self.pending = pending
         return settled
 

@@ -9,14 +9,14 @@ from router.shadow_drafts import ShadowChains
 
 def test_a_chain_settles_at_its_first_wrong_token_or_at_its_end():
     chains = ShadowChains()
-    chains.add([7, 8, 9], at=2, share=3)
-    chains.add([8, 5], at=3, share=2)
+    chains.add([7, 8, 9], at=2)
+    chains.add([8, 5], at=3)
     assert chains.settle([1, 2, 7]) == []  # right so far, and not begun
     assert chains.settle([1, 2, 7, 8]) == []
     # 4 where 9 and 5 were guessed: two right of the first, one of the second
-    assert chains.settle([1, 2, 7, 8, 4]) == [(2, 3), (1, 2)] and chains.pending == []
-    chains.add([1, 2], at=0, share=5)
-    assert chains.settle([1, 2]) == [(2, 5)]  # right to its end
+    assert chains.settle([1, 2, 7, 8, 4]) == [2, 1] and chains.pending == []
+    chains.add([1, 2], at=0)
+    assert chains.settle([1, 2]) == [2]  # right to its end
 
 
 def test_a_sequence_accepting_nothing_resumes_when_its_shadow_chains_come_true():

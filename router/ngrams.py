@@ -6,7 +6,10 @@ document, "the first function" in the answer): the quoted words come back as oth
 for "\\nx"), and an index of raw token ids loses the place at every such break. So besides raw
 n-grams the index keeps n-grams of the tokens' text with whitespace stripped (`TokenKeys`),
 which still find the place; the continuation is then taken from the raw tokens there, adjusted
-at its start for the whitespace the sequence has already produced.
+at its start for the whitespace the sequence has already produced. And a model that quotes
+often writes the text's whitespace its own way throughout (drops every line's indentation,
+one kind of break for another): `QuoteStyle` learns that from where drafts went wrong and
+respells the drafts that follow.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ NEAR = 32
 class TokenKeys:
     """Per token id: its text without surrounding whitespace as a small int (-1: whitespace
     only), the id of the same text without its leading space (itself if none), the id of the
-    text after a single space (-1 if no such token), and whether it is a line break (with or
-    without indentation)."""
+    text after a single space (-1 if no such token), whether it is a line break (with or
+    without indentation), whether it is one without indentation, and for an indented one the
+    id of its breaks alone (-1 for every other token or if no such token)."""
 
     def __init__(self, texts: list[str]) -> None:
         ids: dict[str, int] = {}
@@ -49,11 +53,61 @@ class TokenKeys:
             for t, k in zip(texts, self.key)
         ]
         self.breaks = [t.startswith("\n") and not t.strip() for t in texts]
+        self.bare_breaks = [not t.strip() and t.endswith("\n") for t in texts]
+        self.dedented = [
+            first.get(t.rstrip(" \t"), -1) if br and t.rstrip(" \t") != t else -1
+            for t, br in zip(texts, self.breaks)
+        ]
         self.newline = first.get("\n", -1)
 
     @staticmethod
     def from_tokenizer(tokenizer) -> TokenKeys:
         return TokenKeys([tokenizer.decode([i]) for i in range(len(tokenizer))])
+
+
+class QuoteStyle:
+    """How one sequence writes the whitespace of the text it quotes, learned where a draft
+    from that text met a different whitespace token: indentation dropped (one indented break
+    written bare stands for all of them) or one token for another. Without it, a draft of an
+    indented passage fails at every line, the model writing each break its own way."""
+
+    def __init__(self, keys: TokenKeys) -> None:
+        self.keys = keys
+        self.respell: dict[int, int] = {}  # a whitespace token of the text -> the model's
+        self.dedent = False
+
+    def apply(self, run: list[int]) -> list[int]:
+        k = self.keys
+        out = []
+        unspace = False
+        for t in run:
+            if unspace:
+                t = k.unspaced[t]
+            new = self.respell.get(t, t)
+            if self.dedent and new == t and k.dedented[t] >= 0:
+                new = k.dedented[t]
+            # The indentation's last space rides on the next word ("\n   " + " set"): after a
+            # break written bare the word comes without it ("\n" + "set")
+            unspace = new != t and k.bare_breaks[new] and not k.bare_breaks[t]
+            out.append(new)
+        return out
+
+    def learn(self, source: list[int], drafted: list[int], got: list[int]) -> None:
+        """`drafted`, `apply(source)`, against the tokens the sequence went on with: the
+        first difference, if both are whitespace, says how the model spells that token."""
+        k = self.keys
+        for s, d, g in zip(source, drafted, got):
+            if d == g:
+                continue
+            if k.key[d] < 0 and k.key[g] < 0:
+                self.respell.pop(s, None)
+                if g == k.dedented[s]:
+                    self.dedent = True
+                elif g == s:  # the text's own spelling after all
+                    self.dedent = self.dedent and k.dedented[s] < 0
+                else:
+                    self.respell[s] = g
+            return
 
 
 class NgramIndex:
@@ -73,6 +127,9 @@ class NgramIndex:
         self.copy_at: int | None = None
         self.copy_len = 0
         self.pending: tuple[int, int] | None = None
+        self.style = QuoteStyle(keys) if keys is not None else None
+        # The last call's first run as found and as respelled, and where it would go on
+        self.lead: tuple[int, list[int], list[int]] | None = None
 
     def extend(self, tokens: list[int]) -> None:
         for t in tokens:
@@ -155,6 +212,7 @@ class NgramIndex:
         departs from the passage for a token or two, a short suffix occurs all over the
         text, and its latest occurrence is rarely where the copy resumes."""
         self._follow_copy()
+        self._learn_style()
         n_raw, found = self._raw(depth, limit)
         strongest = n_raw
         if self.keys is not None:
@@ -172,6 +230,10 @@ class NgramIndex:
         found = [f for f in found if f[1]][:limit]
         self.pending = (found[0][0], len(self.tokens)) if found else None
         runs = [run for _, run in found]
+        if runs and self.style is not None:
+            source = runs[0]
+            runs = _unique([self.style.apply(r) for r in runs])
+            self.lead = (len(self.tokens), source, runs[0])
         if runs and limit > 1 and self.keys is not None:
             runs[1:1] = [v for v in self._rewraps(runs[0]) if v not in runs]
         return runs
@@ -192,6 +254,12 @@ class NgramIndex:
                 return out
         return []
 
+    def _learn_style(self) -> None:
+        if self.lead is not None:
+            at, source, drafted = self.lead
+            self.style.learn(source, drafted, self.tokens[at : at + len(drafted)])
+            self.lead = None
+
     def _follow_copy(self) -> None:
         """Take the previous call's first run as the passage being copied if the sequence
         went on with that run's first token (or the same word)."""
@@ -204,6 +272,14 @@ class NgramIndex:
         if got == want or (self.keys is not None and self.keys.key[got] == self.keys.key[want]):
             self.copy_at, self.copy_len = place, length
         self.pending = None
+
+
+def _unique(runs: list[list[int]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for r in runs:
+        if r not in out:
+            out.append(r)
+    return out
 
 
 def _nearest(places, target: int, before: int) -> int | None:

@@ -1,14 +1,16 @@
 """The whitespace-insensitive n-gram index (router/ngrams.py) on a made-up vocabulary: a quote
 whose lines the model re-wrapped is still found, and its continuation starts with the token
 the model would write after the break it already made; a line break in a draft also comes as
-the model may re-wrap it; a passage being copied keeps its place after a departure."""
+the model may re-wrap it; a passage being copied keeps its place after a departure; drafts
+follow how the sequence has been writing the text's whitespace."""
 
 from __future__ import annotations
 
 from router.ngrams import NgramIndex, TokenKeys
 
 TEXTS = ["\n", " ", "the", " the", "first", " first", "function", " function", " call", "call",
-         " in", "in", " <", "<", "a", " statement", "\ufffd", " \ufffd", "\n  "]  # fmt: skip
+         " in", "in", " <", "<", "a", " statement", "\ufffd", " \ufffd", "\n  ",
+         "\n\n"]  # fmt: skip
 ID = {t: i for i, t in enumerate(TEXTS)}
 
 
@@ -101,3 +103,41 @@ def test_a_copied_passage_keeps_its_place_after_the_model_departs_from_it():
     refused.continuations(depth=2, limit=1)
     taken.continuations(depth=2, limit=1)
     assert refused.copy_at == 3 and taken.copy_at == 6
+
+
+def test_keys_know_bare_breaks_and_the_bare_form_of_an_indented_one():
+    keys = TokenKeys(TEXTS)
+    assert keys.bare_breaks[ID["\n"]] and keys.bare_breaks[ID["\n\n"]]
+    assert not keys.bare_breaks[ID["\n  "]] and not keys.bare_breaks[ID[" "]]
+    assert keys.dedented[ID["\n  "]] == ID["\n"]
+    assert keys.dedented[ID["\n"]] == keys.dedented[ID[" "]] == keys.dedented[ID["in"]] == -1
+
+
+# Two indented lines, then the model starting to quote them
+INDENTED = _ids("the", " first", "\n  ", " function", " call", "\n  ", " in", " statement", "a")
+
+
+def test_drafts_drop_the_indentation_once_the_model_has_dropped_it():
+    idx = NgramIndex(max_ngram=4, keys=TokenKeys(TEXTS))
+    idx.extend(INDENTED + _ids("the", " first"))
+    assert idx.continuations(depth=3, limit=1) == [_ids("\n  ", " function", " call")]
+    idx.extend(_ids("\n", "function", " call"))  # the break bare, the word without its space
+    # every indented break of the text now comes bare, and the word after it unspaced
+    assert idx.continuations(depth=3, limit=1) == [_ids("\n", "in", " statement")]
+    assert idx.style.dedent
+    idx.extend(_ids("\n  ", " in"))  # ... until the model keeps an indentation after all
+    idx.continuations(depth=3, limit=1)
+    assert not idx.style.dedent
+    assert idx.style.apply(INDENTED) == INDENTED
+
+
+def test_a_break_the_model_writes_as_another_is_drafted_its_way():
+    idx = NgramIndex(max_ngram=4, keys=TokenKeys(TEXTS))
+    text = _ids("the", " first", "\n", "function", " call", "\n", "in", " statement", "a")
+    idx.extend(text + _ids("the", " first"))
+    assert idx.continuations(depth=2, limit=1) == [_ids("\n", "function")]
+    idx.extend(_ids("\n\n", "function", " call"))  # double-spaced
+    assert idx.continuations(depth=2, limit=1) == [_ids("\n\n", "in")]
+    # a difference between words teaches nothing
+    idx.extend(_ids("\n\n", "a"))
+    assert idx.style.respell == {ID["\n"]: ID["\n\n"]}

@@ -76,6 +76,10 @@ class QuoteStyle:
         self.respell: dict[int, int] = {}  # a whitespace token of the text -> the model's
         self.dedent = False
 
+    @property
+    def learned(self) -> bool:
+        return self.dedent or bool(self.respell)
+
     def apply(self, run: list[int]) -> list[int]:
         k = self.keys
         out = []
@@ -232,7 +236,8 @@ class NgramIndex:
         runs = [run for _, run in found]
         if runs and self.style is not None:
             source = runs[0]
-            runs = _unique([self.style.apply(r) for r in runs])
+            if self.style.learned:
+                runs = _unique([self.style.apply(r) for r in runs])  # respelling may merge runs
             self.lead = (len(self.tokens), source, runs[0])
         if runs and limit > 1 and self.keys is not None:
             runs[1:1] = [v for v in self._rewraps(runs[0]) if v not in runs]

@@ -140,4 +140,5 @@ def test_a_break_the_model_writes_as_another_is_drafted_its_way():
     assert idx.continuations(depth=2, limit=1) == [_ids("\n\n", "in")]
     # a difference between words teaches nothing
     idx.extend(_ids("\n\n", "a"))
-    assert idx.style.respell == {ID["\n"]: ID["\n\n"]}
+    idx.continuations(depth=2, limit=1)
+    assert idx.style.respell == {ID["\n"]: ID["\n\n"]} and not idx.style.dedent

@@ -1,10 +1,12 @@
 """Tree verification pieces in isolation: depths, the attention mask, greedy acceptance on
-known choices, K/V moves."""
+known choices, K/V moves, the compiled steps' tree attention."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from layers.attention.paged_decode import shared_tree_attention
 from layers.attention.tree import tree_ancestry, tree_depths, tree_mask
 from shards.lookahead import accept_greedy, accept_sampled, move_kv
 
@@ -30,6 +32,31 @@ def test_mask_sees_the_whole_cache_and_only_ancestors_in_the_tree():
     w = tree_mask(PARENTS, start=3, window=3, device="cpu")
     assert w[3].nonzero().flatten().tolist() == [3 + 1, 3 + 2, 3 + 3]  # tree nodes 1, 2, 3
     assert w[0, :3].tolist() == [False, True, True]  # root at position 3 sees 1 and 2
+
+
+# (block size, tokens before the tree): a context shorter than half a block leaves a row
+# nothing to see in the second part of every block; an odd block size keeps one part
+@pytest.mark.parametrize("block_size,start", [(4, 1), (4, 13), (16, 40), (3, 7)])
+def test_shared_tree_attention_is_a_masked_softmax_over_the_table(block_size, start):
+    """The compiled steps' tree attention (scores in two parts of every block, merged by
+    their log-sum-exps) against softmax(q k^T + mask) v over the gathered context."""
+    g = torch.Generator().manual_seed(block_size * 100 + start)
+    heads, kv_heads, d, blocks = 6, 2, 8, 12
+    n = len(PARENTS) + 1
+    width = -(-(start + n) // block_size) + 1  # one block more than needed: never seen
+    table = torch.randperm(blocks - 1, generator=g)[:width] + 1  # scattered, not block 0
+    k_cache, v_cache = (torch.randn(blocks, block_size, kv_heads, d, generator=g) for _ in "kv")
+    q = torch.randn(n, heads, d, generator=g)
+    mask = torch.zeros(n, width * block_size, dtype=torch.bool)
+    mask[:, : start + n] = tree_mask(PARENTS, start, None, "cpu")
+    got = shared_tree_attention(q, k_cache, v_cache, table[None], mask.view(n, width, -1), 0.3)
+
+    keys = k_cache[table].reshape(-1, kv_heads, d).repeat_interleave(heads // kv_heads, 1)
+    values = v_cache[table].reshape(-1, kv_heads, d).repeat_interleave(heads // kv_heads, 1)
+    scores = torch.einsum("shd,chd->hsc", q, keys) * 0.3
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    want = torch.einsum("hsc,chd->shd", probs, values)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_accepts_the_branch_the_model_chooses():

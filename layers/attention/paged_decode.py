@@ -68,9 +68,10 @@ def shared_tree_attention(
     reductions would read the whole context again for each of the tree's rows; SDPA's CPU
     kernel beat two bmm calls and a softmax by ~25 % at 16 rows over 1,000 positions).
     The context goes in as two parts, whose results merge by their log-sum-exps: the kernel
-    shares out (batch, head, query block) items among threads, and a tree's 3 KV heads of
-    one query block each left one of two cores idle a third of the time (over 1,000
-    positions, ~255 us a layer instead of ~360 at 8 rows, ~390 instead of ~480 at 16).
+    shares (batch, head, query block) items out among threads, and an 8-row tree is one
+    query block per KV head, 3 items for 2 cores, one of which then waits half the call
+    (in isolation over 1,000 positions: ~255 us a layer instead of ~360 at 8 rows, ~390
+    instead of ~480 at 16).
     q: [s, heads, head_dim]; block_ids: [1, width], the sequence's table; mask:
     [s, width, block_size] bool, the slots each row sees (layers/attention/tree.py).
     Returns [s, heads, head_dim]."""
@@ -87,7 +88,7 @@ def shared_tree_attention(
     seen = _slot_parts(mask.permute(1, 2, 0), parts)  # [parts, ctx / parts, s]
     seen = seen.permute(0, 2, 1)[:, :, None].expand(parts, s, group, -1)
     seen = seen.reshape(parts, s * group, -1)
-    bias = torch.zeros(seen.shape, dtype=q.dtype).masked_fill(~seen, float("-inf"))
+    bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(~seen, float("-inf"))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qg[None].expand(parts, -1, -1, -1),
         keys,
@@ -100,5 +101,5 @@ def shared_tree_attention(
     # A part a row sees nothing of comes back as zeros with a log-sum-exp of 0, not -inf.
     lse = lse.masked_fill(~seen.any(-1)[:, None], float("-inf"))
     weight = (lse - lse.amax(0)).exp()
-    out = (out * weight[..., None]).sum(0) / weight.sum(0)[..., None]  # [kv_heads, rows, d]
+    out = ((out * weight[..., None]).sum(0) / weight.sum(0)[..., None]).to(q.dtype)
     return out.view(kv_heads, s, group, head_dim).permute(1, 0, 2, 3).reshape(s, heads, head_dim)

@@ -26,7 +26,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-SERVE = [sys.executable, "-m", "launcher", "serve"]
+# The console script `make venv` installs beside this interpreter: what users run.
+SHARDSERVE = str(Path(sys.executable).with_name("shardserve"))
+SERVE = [SHARDSERVE, "serve"]
 
 
 class Server:
@@ -36,6 +38,7 @@ class Server:
         env: dict | None = None,
         log_path: Path | None = None,
         command: list[str] = SERVE,
+        own_group: bool = False,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -54,6 +57,7 @@ class Server:
             env={**os.environ, **(env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=own_group,  # a process group of its own, to signal as a whole
         )
 
     def wait_ready(self, deadline: float = STARTUP_DEADLINE) -> Server:
@@ -140,9 +144,11 @@ def shard_pids(marker: str, rank: int = 0, group: int = 0) -> list[int]:
     return pids
 
 
-def start_server(tmp_path_factory, name: str, args: list[str], env: dict | None = None) -> Server:
+def start_server(
+    tmp_path_factory, name: str, args: list[str], env: dict | None = None, own_group: bool = False
+) -> Server:
     log = tmp_path_factory.mktemp(f"server-{name}") / "server.log"
-    return Server(args, env, log).wait_ready()
+    return Server(args, env, log, own_group=own_group).wait_ready()
 
 
 @pytest.fixture(scope="session")

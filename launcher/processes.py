@@ -2,8 +2,10 @@
 exiting, unless other worker groups (WORKER_NUM > 1) are still whole: then its group is stopped
 and reported, and the router fails that group's requests and routes new ones elsewhere.
 
-Children get PR_SET_PDEATHSIG so a launcher killed without a chance to clean up (SIGKILL) does
-not leave orphans behind.
+Children leave SIGTERM and SIGINT to the launcher (a service manager or a terminal signals the
+whole process group; shards/wire.py), which passes on DRAIN_SIGNAL and STOP_SIGNAL. They get
+STOP_SIGNAL as PR_SET_PDEATHSIG too, so a launcher killed without a chance to clean up (SIGKILL)
+does not leave orphans behind.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from shards.wire import DRAIN_SIGNAL, STOP_SIGNAL
+
 log = logging.getLogger("shardserve.launcher")
 
 _PR_SET_PDEATHSIG = 1
@@ -26,7 +30,7 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:
     # Not Linux: the launcher's own handlers still stop children.
     with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, STOP_SIGNAL)
 
 
 @dataclass
@@ -51,7 +55,7 @@ def spawn(
 def stop_all(children: list[Child], timeout: float = 10.0) -> None:
     for c in children:
         if c.proc.poll() is None:
-            c.proc.terminate()
+            c.proc.send_signal(STOP_SIGNAL)
     deadline = time.monotonic() + timeout
     for c in children:
         try:
@@ -138,7 +142,7 @@ class Supervisor:
             self.shutdown_timeout,
         )
         self._signal = None
-        self.drain.proc.send_signal(signal.SIGTERM)
+        self.drain.proc.send_signal(DRAIN_SIGNAL)
         deadline = time.monotonic() + self.shutdown_timeout + 15  # its timeout, then its exit
         code = None
         while self.drain.proc.poll() is None and self._signal is None:

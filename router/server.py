@@ -5,9 +5,9 @@
 It listens at once (health answers 503 while loading), connects to the shards, loads the
 tokenizer and template, then serves. A start-up failure exits non-zero; the launcher sees it.
 
-The first SIGTERM (or SIGINT) drains: readiness and new requests answer 503 while the requests
-in flight finish, for up to --shutdown-timeout seconds; then it exits 0. A second signal ends
-it at once.
+The launcher's DRAIN_SIGNAL drains: readiness and new requests answer 503 while the requests
+in flight finish, for up to --shutdown-timeout seconds; then it exits 0. Its STOP_SIGNAL ends it
+at once. SIGTERM and SIGINT are the launcher's to act on (shards/wire.py says why).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 
 import orjson
@@ -36,8 +37,10 @@ from router.pool import EnginePool
 from router.scheduler import Scheduler, SchedulerConfig
 from router.settings import SETTINGS_ENV, RouterSettings
 from router.shard_client import AsyncShardClient
+from router.template_choice import choose_template
 from router.templates import ChatTemplate
 from router.tokenizer import load_tokenizer
+from shards.wire import DRAIN_SIGNAL, STOP_SIGNAL, leave_stop_signals_to_launcher
 
 log = logging.getLogger("shardserve.router")
 
@@ -59,14 +62,29 @@ def _scheduler(s: RouterSettings, info, keys: TokenKeys | None) -> Scheduler:
     return Scheduler(config, allocator, drafter)
 
 
+def _template(s: RouterSettings, tokenizer, eos_token_ids: tuple[int, ...]) -> ChatTemplate:
+    choice = choose_template(s.conv_template, tokenizer, s.model_path)
+    if choice.name is None:
+        log.warning(
+            "no conversation template: %s; chat requests are refused until CONV_TEMPLATE names "
+            "one, /v1/completions serves",
+            choice.reason,
+        )
+        return ChatTemplate.without_format(tokenizer, eos_token_ids, choice.reason)
+    named = None if choice.name == "tokenizer" else choice.name
+    template = ChatTemplate.create(named, tokenizer, eos_token_ids)
+    log.info("conversation template %s: %s", template.name, choice.reason)
+    mismatch = template.probe_mismatch()
+    if mismatch:
+        log.warning("%s: check CONV_TEMPLATE matches this model", mismatch)
+    return template
+
+
 async def build_context(s: RouterSettings, metrics: Metrics | None = None) -> ServingContext:
     shards = await asyncio.gather(*(AsyncShardClient.connect(p) for p in s.shard_sockets))
     info = shards[0].info
     tokenizer = await asyncio.to_thread(load_tokenizer, s.model_path, s.trust_remote_code)
-    template = ChatTemplate.create(s.conv_template, tokenizer, info.eos_token_ids)
-    mismatch = template.probe_mismatch()
-    if mismatch:
-        log.warning("%s: check CONV_TEMPLATE matches this model", mismatch)
+    template = _template(s, tokenizer, info.eos_token_ids)
     keys = None
     if s.use_lookahead:  # one table for every group's drafter
         keys = await asyncio.to_thread(TokenKeys.from_tokenizer, tokenizer)
@@ -161,8 +179,9 @@ def make_app(s: RouterSettings):
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, with its stop signals turned into a drain (uvicorn's own would close the port
-    at once: new requests would be refused rather than answered 503)."""
+    """uvicorn, stopped by the launcher: DRAIN_SIGNAL drains (uvicorn's own stop would close the
+    port at once, and new requests would be refused rather than answered 503), STOP_SIGNAL stops
+    at once. SIGTERM and SIGINT, which uvicorn would act on, are the launcher's: ignored here."""
 
     def __init__(self, config: uvicorn.Config, router, shutdown_timeout: float) -> None:
         super().__init__(config)
@@ -170,12 +189,23 @@ class DrainingServer(uvicorn.Server):
         self.shutdown_timeout = shutdown_timeout
         self._drain_task: asyncio.Task | None = None
 
+    def listen_to_launcher(self) -> None:
+        for sig in (DRAIN_SIGNAL, STOP_SIGNAL):
+            signal.signal(sig, self.handle_exit)
+
     def handle_exit(self, sig, frame) -> None:
-        if self.router.draining or self.router.ctx is None:  # a second signal, or still loading
-            self.force_exit = self.router.draining
+        if sig not in (DRAIN_SIGNAL, STOP_SIGNAL):
+            return
+        ctx = self.router.ctx
+        if sig == STOP_SIGNAL or ctx is None:  # nothing to drain while loading
+            # uvicorn's graceful exit when nothing is in flight: it also stops the engine
+            in_flight = ctx.engine.outstanding if ctx is not None else 0
+            self.force_exit = in_flight > 0
             self.should_exit = True
-            if self.force_exit:
-                log.warning("second stop signal: stopping now")
+            if in_flight:
+                log.warning("stopping now; %d request(s) in flight are cut off", in_flight)
+            return
+        if self.router.draining:
             return
         self.router.draining = True
         loop = asyncio.get_event_loop()
@@ -210,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         description=f"shardserve router process; reads RouterSettings JSON from ${SETTINGS_ENV}"
     )
     parser.parse_args(argv)
+    leave_stop_signals_to_launcher()
     logs.configure()
     s = RouterSettings.from_dict(orjson.loads(os.environ.pop(SETTINGS_ENV)))
     app = make_app(s)
@@ -217,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(
         app, host=s.host, port=s.port, log_level="warning", access_log=False, log_config=None
     )
-    DrainingServer(config, app.state.router, s.shutdown_timeout).run()
+    server = DrainingServer(config, app.state.router, s.shutdown_timeout)
+    server.listen_to_launcher()
+    server.run()
     return 0
 
 

@@ -23,7 +23,15 @@ import orjson
 
 from launcher import logs
 from shards.distributed import PlanChannel, leave_group
-from shards.wire import ShardSpec, StepPlan, recv_frame, send_frame, to_dict
+from shards.wire import (
+    STOP_SIGNAL,
+    ShardSpec,
+    StepPlan,
+    leave_stop_signals_to_launcher,
+    recv_frame,
+    send_frame,
+    to_dict,
+)
 
 log = logging.getLogger("shardserve.shard")
 
@@ -73,15 +81,16 @@ def serve(socket_path: str | None, spec: ShardSpec) -> int:
 
 
 class _StopSignal:
-    """SIGTERM on rank 0 of a group: finish the step, tell the peers (maybe on other nodes) to
-    shut down, then exit. A wake-up pipe interrupts the wait between steps."""
+    """The launcher's STOP_SIGNAL on rank 0 of a group: finish the step, tell the peers (maybe on
+    other nodes) to shut down, then exit. A wake-up pipe interrupts the wait between steps. (A
+    rank without peers, or a follower, takes the signal's default action: it ends.)"""
 
     def __init__(self) -> None:
         self.received = False
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(STOP_SIGNAL, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         self.received = True
@@ -94,7 +103,8 @@ def _lead(conn: socket.socket, worker, channel: PlanChannel | None, heartbeat_s:
         if stop is not None:
             readable = select.select([conn, stop.wake_r], [], [], heartbeat_s)[0]
             if stop.received:
-                channel.send({"type": "shutdown"})
+                with contextlib.suppress(RuntimeError, OSError):  # peers stopped as well
+                    channel.send({"type": "shutdown"})
                 return 0
             if not readable:
                 channel.send({"type": "ping"})  # peers time out if the group stays silent
@@ -135,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", default=None, help="unix socket (rank 0 only)")
     parser.add_argument("--spec", required=True, help="ShardSpec as JSON")
     args = parser.parse_args(argv)
+    leave_stop_signals_to_launcher()
     logs.configure()
     return serve(args.socket, ShardSpec.from_dict(orjson.loads(args.spec)))
 

@@ -3,10 +3,12 @@
 A step plan carries ids and counts: which sequences run how many tokens at which positions,
 over which KV blocks. A sequence's sampling parameters travel once, when it first appears.
 Frames on a socket are a 4-byte big-endian length followed by one orjson document.
+Also here: what the launcher's signals mean to the processes it starts.
 """
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 from dataclasses import asdict, dataclass, field
@@ -215,3 +217,23 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 def recv_frame(sock: socket.socket) -> dict:
     (length,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
     return orjson.loads(_recv_exact(sock, length))
+
+
+# -- the launcher's signals to its children ----------------------------------------------------
+# SIGTERM and SIGINT are the launcher's to act on: a service manager (systemd's control-group
+# kill) or a terminal's Ctrl-C sends them to every process of the server at once, and a child
+# that stopped on them would cut the requests in flight that the launcher is draining. The
+# launcher passes its decisions on with these two instead.
+DRAIN_SIGNAL = signal.SIGUSR1  # the router: finish the requests in flight, then exit 0
+STOP_SIGNAL = signal.SIGUSR2  # every child: stop now
+
+
+def _leave_to_launcher(signum, frame) -> None:
+    pass
+
+
+def leave_stop_signals_to_launcher() -> None:
+    """For a child of the launcher: SIGTERM and SIGINT do nothing here. A Python handler rather
+    than SIG_IGN, which processes this one starts (compile workers) would inherit."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _leave_to_launcher)

@@ -19,6 +19,7 @@ BAD_CHAT_BODIES = {
     "message without role": {"messages": [{"content": "hi"}]},
     "bad role": {"messages": [{"role": "wizard", "content": "hi"}]},
     "content a number": {"messages": [{"role": "user", "content": 5}]},
+    "user message without content": {"messages": [{"role": "user"}]},
     "last message from assistant": {"messages": [{"role": "assistant", "content": "hi"}]},
     "temperature a string": {"messages": MSG, "temperature": "0.5"},
     "temperature too high": {"messages": MSG, "temperature": 2.5},
@@ -109,6 +110,8 @@ def test_server_still_answers_after_bad_input(tiny_server):
     for body in list(BAD_CHAT_BODIES.values())[:10]:
         kw = {"json": body} if isinstance(body, dict) else {"content": body}
         httpx.post(f"{tiny_server.url}/v1/chat/completions", timeout=60, **kw)
+    form = {"messages": "hi"}  # what `curl -d` without -H sends: a form
+    httpx.post(f"{tiny_server.url}/v1/chat/completions", timeout=60, data=form)
     r = httpx.post(
         f"{tiny_server.url}/v1/chat/completions",
         timeout=60,
@@ -117,3 +120,61 @@ def test_server_still_answers_after_bad_input(tiny_server):
     assert r.status_code == 200
     assert r.json()["usage"]["completion_tokens"] >= 1
     assert tiny_server.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize(
+    "messages, index",
+    [
+        ([{"role": "user"}], 0),
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": None}], 1),
+        ([{"role": "system"}, {"role": "user", "content": "hi"}], 0),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant"}, MSG[0]], 1),
+    ],
+)
+def test_a_message_without_content_names_its_index(tiny_server, messages, index):
+    r = httpx.post(
+        f"{tiny_server.url}/v1/chat/completions", json={"messages": messages}, timeout=60
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == f"messages[{index}].content", error
+    assert error["type"] == "invalid_request_error" and "content" in error["message"]
+
+
+def test_an_assistant_message_with_tool_calls_may_omit_content(tiny_server):
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [MSG[0], {"role": "assistant", "tool_calls": [call]}, MSG[0]]
+    body = {"messages": messages, "max_tokens": 2, "temperature": 0}
+    r = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+     "multipart/form-data; boundary=x"],
+)  # fmt: skip
+def test_a_body_sent_as_another_type_than_json_is_refused(tiny_server, content_type):
+    """What a page on another origin can make a browser send without a CORS preflight."""
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        r = httpx.post(
+            f"{tiny_server.url}{path}",
+            content=body,
+            headers={"content-type": content_type},
+            timeout=60,
+        )
+        assert r.status_code == 415, r.text
+        error = r.json()["error"]
+        assert error["code"] == "unsupported_media_type"
+        assert "Content-Type: application/json" in error["message"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"content-type": "application/json; charset=utf-8"}])
+def test_a_json_body_without_or_with_a_charset_is_served(tiny_server, headers):
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    r = httpx.post(
+        f"{tiny_server.url}/v1/chat/completions", content=body, headers=headers, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1

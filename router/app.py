@@ -51,6 +51,25 @@ def _error(e: APIError, headers: dict | None = None) -> Response:
     return response
 
 
+def _check_content_type(content_type: str | None) -> None:
+    """JSON bodies only. A page on any other origin can make a browser POST text/plain or a form
+    to localhost without a CORS preflight; refusing those types keeps such pages from driving a
+    server that has no API keys. No Content-Type at all (browsers never send that way) is read as
+    JSON. 415, not 400: the body may be valid JSON, sent under the wrong type."""
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        return
+    raise APIError(
+        415,
+        f"Content-Type {media or '(empty)'!r} is not JSON: send the body with "
+        "'Content-Type: application/json' (curl -d alone sends a form; add "
+        "-H 'Content-Type: application/json')",
+        code="unsupported_media_type",
+    )
+
+
 class Router:
     def __init__(
         self,
@@ -83,6 +102,7 @@ class Router:
             )
 
     async def _body(self, request: Request) -> dict:
+        _check_content_type(request.headers.get("content-type"))
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
             raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")

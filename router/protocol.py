@@ -33,6 +33,7 @@ class APIError(Exception):
             404: "not_found_error",
             405: "invalid_request_error",
             413: "invalid_request_error",
+            415: "invalid_request_error",
             429: "rate_limit_error",
             503: "service_unavailable",
         }.get(status, "server_error")
@@ -59,8 +60,25 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart] | None = None
+    # Before `content`, whose check reads them. Tool calls are accepted, not acted on.
+    tool_calls: list[dict] | None = None
+    function_call: dict | None = None
+    content: Annotated[str | list[TextPart] | None, Field(validate_default=True)] = None
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v, info):
+        # As OpenAI: only an assistant message that calls tools may go without content.
+        data = info.data
+        calls = data.get("tool_calls") or data.get("function_call")
+        if v is None and not (data.get("role") == "assistant" and calls):
+            unless = " unless they carry tool_calls" if data.get("role") == "assistant" else ""
+            raise ValueError(
+                f"{data.get('role', 'chat')} messages need content (a string or a list of text "
+                f"parts){unless}"
+            )
+        return v
 
     def text(self) -> str:
         if self.content is None:
@@ -178,14 +196,15 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 def validation_error(e: ValidationError) -> APIError:
     first = e.errors()[0]
-    loc = [
-        str(x)
-        for x in first.get("loc", ())
-        if not (isinstance(x, str) and (x.split("[")[0] in _TYPE_TAGS or x.startswith("function-")))
-    ]
-    param = ".".join(loc) or None
+    path = ""
+    for x in first.get("loc", ()):
+        if isinstance(x, int):
+            path += f"[{x}]"  # OpenAI's spelling: messages[1].content
+        elif not (x.split("[")[0] in _TYPE_TAGS or x.startswith("function-")):
+            path += f".{x}" if path else x
+    param = path or None
     msg = first.get("msg", "invalid request").removeprefix("Value error, ")
-    if loc and loc[0] == "prompt" and first.get("type") != "value_error":
+    if path.startswith("prompt") and first.get("type") != "value_error":
         param = "prompt"
         msg = (
             "must be a non-empty string, list of strings, list of token ids or list of "

@@ -174,6 +174,7 @@ def _copy_model_files(src: Path, dst: Path) -> None:
 def quantize(
     folder: str,
     output_dir: str | None = None,
+    *,  # the rest by name: two of them are token counts and one a token list
     text: str | None = None,
     token_ids: list[int] | None = None,
     calibration_tokens: int = 4096,
@@ -276,7 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     text = None
     if args.calibration_file:
         text = Path(args.calibration_file).read_text(encoding="utf-8")
-    path = quantize(folder, args.output_dir, text, args.calibration_tokens, args.sample_tokens)
+    path = quantize(
+        folder,
+        args.output_dir,
+        text=text,
+        calibration_tokens=args.calibration_tokens,
+        sample_tokens=args.sample_tokens,
+    )
     if args.eval:
         ppl = evaluate(folder, str(path.parent), args.eval_tokens)
         delta = ppl["smoothquant"] / ppl["none"] - 1

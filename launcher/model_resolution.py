@@ -44,6 +44,8 @@ def resolve_model(config: Config) -> ResolvedModel:
         _check_weights(path, config.quantization)
     except (ModelConfigError, UnknownArchitectureError, CheckpointError) as e:
         raise ConfigError(f"--model-path {path}: {e}") from e
+    for note in cfg.notes:
+        log.info("%s", note)
     if embedded:
         from launcher.embedded import EMBEDDED_NAME
 

@@ -24,7 +24,7 @@ from router.responses import (
     usage,
 )
 from router.streams import EngineDeadError, Overloaded, RequestOutput
-from router.templates import ChatTemplate
+from router.templates import ChatTemplate, NoChatFormat, TemplateError
 from shards.wire import SamplingParams
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -132,7 +132,12 @@ async def chat_completions(
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         for m in req.messages
     ]
-    prompt_ids = ctx.template.render(messages)
+    try:
+        prompt_ids = ctx.template.render(messages)
+    except NoChatFormat as e:
+        raise APIError(400, str(e), param="messages", code="no_chat_template") from e
+    except TemplateError as e:
+        raise APIError(400, str(e), param="messages", code="invalid_messages") from e
     if not prompt_ids:
         raise APIError(400, "the messages render to an empty prompt", param="messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None

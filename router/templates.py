@@ -14,7 +14,9 @@ Sources, per template:
   generate       no template: the message contents as they are
   shennong_chat  Tencent's industry model: its format is not public, so it uses the
                  checkpoint's own chat template
-Without a named template the tokenizer's own `chat_template` is used.
+Without a named template the tokenizer's own `chat_template` is used, else the family's format
+(router/template_choice.py); a model with neither gets a template that refuses chats, naming
+CONV_TEMPLATE, while completions are served.
 """
 
 from __future__ import annotations
@@ -22,12 +24,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import jinja2
+
 Segment = str | int
 Message = dict  # {"role": str, "content": str}
 
 
 class TemplateError(ValueError):
     pass
+
+
+class NoChatFormat(TemplateError):
+    """A chat request to a model served without any chat format."""
 
 
 @dataclass
@@ -161,6 +169,7 @@ class ChatTemplate:
     eos_token_ids: tuple[int, ...] = ()
     _spec: _Spec | None = field(default=None, repr=False)
     stop_token_ids: tuple[int, ...] = ()
+    no_format: str | None = None  # why chats are refused (a model with no chat format)
 
     @staticmethod
     def create(name: str | None, tokenizer, eos_token_ids: tuple[int, ...] = ()) -> ChatTemplate:
@@ -191,6 +200,13 @@ class ChatTemplate:
                 )
         return t
 
+    @staticmethod
+    def without_format(tokenizer, eos_token_ids: tuple[int, ...], reason: str) -> ChatTemplate:
+        """For a model with no known chat format (a base model): completions stop at EOS as
+        usual; every chat is refused with what to set."""
+        eos = tuple(dict.fromkeys(eos_token_ids))
+        return ChatTemplate("none", tokenizer, eos, stop_token_ids=eos, no_format=reason)
+
     def _special_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
         unk = getattr(self.tokenizer, "unk_token_id", None)
@@ -204,10 +220,18 @@ class ChatTemplate:
         return int(token_id)
 
     def render(self, messages: list[Message]) -> list[int]:
-        if self._spec is None:
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True
+        if self.no_format is not None:
+            raise NoChatFormat(
+                f"this model has no chat format ({self.no_format}): use /v1/completions, or "
+                f"restart the server with CONV_TEMPLATE set to one of {', '.join(KNOWN_NAMES)}"
             )
+        if self._spec is None:
+            try:
+                ids = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True
+                )
+            except jinja2.TemplateError as e:  # the template's own raise_exception, mostly
+                raise TemplateError(f"the model's chat template refused the messages: {e}") from e
             ids = ids["input_ids"] if hasattr(ids, "keys") else ids
             return [int(i) for i in ids]
         out: list[int] = []

@@ -39,6 +39,7 @@ class ModelConfig:
     checkpoint_dtype: str | None
     rope_interleaved: bool = False  # rotary pairs are neighbouring dims (GLM), not halves
     alibi: bool = False  # ALiBi attention biases instead of rotary (Baichuan 13B)
+    notes: tuple[str, ...] = ()  # choices read off the config, for the start-up log
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -125,13 +126,25 @@ def _qwen_v1(raw: dict, source: str) -> dict:
 
 
 def _baichuan(raw: dict, source: str) -> dict:
-    """Baichuan's 13B models replace rotary embeddings with ALiBi biases; their configs say so
-    only by size (hidden 5,120 where the 7B models have 4,096: the rule vLLM uses too)."""
+    """Baichuan's 13B models (both generations) position tokens by ALiBi biases, its 7B models by
+    rotary embeddings, and the configs say which by the context key each model's code reads: the
+    7B code `max_position_embeddings` (Baichuan2-7B's config carries it beside
+    `model_max_length`), the 13B code `model_max_length` alone. Baichuan-7B's own architecture
+    name is rotary whatever it carries; a config with neither key falls back to the width (4,096
+    rotary, any other ALiBi: vLLM's rule, right for the official sizes only)."""
     out = dict(raw)
     archs = raw.get("architectures") or []
-    out["alibi"] = (
-        bool(archs) and archs[0] == "BaichuanForCausalLM" and raw.get("hidden_size") != 4096
-    )
+    if archs and archs[0] == "BaiChuanForCausalLM":
+        alibi, why = False, "the architecture is Baichuan-7B's"
+    elif "max_position_embeddings" in raw:
+        alibi, why = False, "the config carries max_position_embeddings, as the 7B models' do"
+    elif "model_max_length" in raw:
+        alibi, why = True, "the config carries model_max_length only, as the 13B models' do"
+    else:
+        alibi = raw.get("hidden_size") != 4096
+        why = f"the config names no context length; hidden size {raw.get('hidden_size')}"
+    out["alibi"] = alibi
+    out["_notes"] = [f"Baichuan positions: {'ALiBi' if alibi else 'rotary'} ({why})"]
     out.setdefault("max_position_embeddings", raw.get("model_max_length", 4096))
     return out
 
@@ -220,6 +233,7 @@ def _from_dict(raw: dict, generation: dict | None, source: str) -> ModelConfig:
         checkpoint_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         rope_interleaved=bool(raw.get("rope_interleaved", False)),
         alibi=raw.get("model_type") == "baichuan" and bool(raw.get("alibi")),
+        notes=tuple(raw.get("_notes", ())),
         extra=raw,
     )
 

@@ -8,6 +8,8 @@ import json
 import torch
 from safetensors.torch import save_file
 
+from shards.models.baichuan import BAICHUAN2_VOCAB
+
 ROPE_RATIO = 2.0  # ChatGLM3-32K's longer-context base: 10,000 x rope_ratio
 
 
@@ -52,17 +54,23 @@ def as_qwen_v1(hf, folder):
 
 
 def as_baichuan(hf, folder, raw_head: torch.Tensor, alibi: bool = False):
-    """A Baichuan-7B layout, or with `alibi` a 13B one (its architecture name and a hidden size
-    other than 7B's 4,096 are what tell the two apart)."""
+    """A Baichuan layout as released: with `alibi` a 13B one (either generation: only
+    `model_max_length`); else with Baichuan2's vocabulary Baichuan2-7B's (`BaichuanForCausalLM`,
+    both context keys), otherwise Baichuan-7B's (`BaiChuanForCausalLM`). The hidden size is never
+    7B's 4,096, so the position scheme is read off the config, not the width."""
     c = hf.config
     folder.mkdir(parents=True)
-    arch = "BaichuanForCausalLM" if alibi else "BaiChuanForCausalLM"
     assert c.hidden_size != 4096
+    baichuan2 = c.vocab_size == BAICHUAN2_VOCAB
+    arch = "BaichuanForCausalLM" if alibi or baichuan2 else "BaiChuanForCausalLM"
+    context = {"model_max_length": 256}
+    if baichuan2 and not alibi:
+        context["max_position_embeddings"] = 256
     (folder / "config.json").write_text(json.dumps({
         "architectures": [arch], "model_type": "baichuan",
         "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
         "num_attention_heads": c.num_attention_heads, "num_hidden_layers": c.num_hidden_layers,
-        "rms_norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size, "model_max_length": 256,
+        "rms_norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size, **context,
         "tie_word_embeddings": False, "hidden_act": "silu",
     }))  # fmt: skip
     sd = {k: v for k, v in hf.state_dict().items() if "rotary" not in k}

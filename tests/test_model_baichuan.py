@@ -125,8 +125,41 @@ def baichuan_13b(tmp_path_factory):
 
 def test_baichuan_13b_config_turns_on_alibi(baichuan_13b):
     _, folder = baichuan_13b
-    assert load_model_config(folder).alibi
-    assert not model_config_from_dict({**_config_of(folder), "hidden_size": 4096}).alibi
+    cfg = load_model_config(folder)
+    assert cfg.alibi and cfg.notes == (
+        "Baichuan positions: ALiBi (the config carries model_max_length only, as the 13B "
+        "models' do)",
+    )
+
+
+def _official(arch: str, hidden: int, **context) -> dict:
+    return {"architectures": [arch], "model_type": "baichuan", "hidden_size": hidden,
+            "intermediate_size": 2 * hidden, "num_attention_heads": 32, "num_hidden_layers": 2,
+            "vocab_size": BAICHUAN2_VOCAB, **context}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config, alibi",
+    [
+        # the released configs: Baichuan2-7B carries both keys, the 13B models one
+        (_official("BaichuanForCausalLM", 4096, max_position_embeddings=4096,
+                   model_max_length=4096), False),
+        (_official("BaichuanForCausalLM", 5120, model_max_length=4096), True),
+        (_official("BaiChuanForCausalLM", 4096, max_position_embeddings=4096), False),
+        # other widths (pruned or small variants) follow what the config carries
+        (_official("BaichuanForCausalLM", 2048, max_position_embeddings=4096,
+                   model_max_length=4096), False),
+        (_official("BaichuanForCausalLM", 4096, model_max_length=4096), True),
+        (_official("BaiChuanForCausalLM", 5120, model_max_length=4096), False),
+        # neither key: the width decides (vLLM's rule)
+        (_official("BaichuanForCausalLM", 4096), False),
+        (_official("BaichuanForCausalLM", 5120), True),
+    ],
+)  # fmt: skip
+def test_baichuan_positions_follow_the_config(config, alibi):
+    cfg = model_config_from_dict(config)
+    assert cfg.alibi == alibi
+    assert cfg.notes[0].startswith(f"Baichuan positions: {'ALiBi' if alibi else 'rotary'} (")
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -162,9 +195,3 @@ def test_baichuan_13b_tp2_equals_tp1(baichuan_13b):
     ref = our_logits(make_worker(folder, kv_kib=4096), tokens, 8)
     got = tp_logits(folder, 2, tokens, 8)  # 3 heads and their own slopes per rank
     assert (got - ref).abs().max().item() <= 1e-4
-
-
-def _config_of(folder) -> dict:
-    import json
-
-    return json.loads((folder / "config.json").read_text())

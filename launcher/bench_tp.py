@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -29,7 +30,8 @@ def _build(folder: str, args) -> None:
         intermediate_size=args.hidden * 11 // 4,
         num_hidden_layers=args.layers,
         num_attention_heads=args.hidden // 64,
-        num_key_value_heads=max(2, args.hidden // 256),
+        # a quarter of the heads (GQA) where that divides them; one shared head at worst
+        num_key_value_heads=math.gcd(args.hidden // 64, max(2, args.hidden // 256)),
         vocab_size=args.vocab,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
+    if args.hidden % 128:
+        p.error(f"--hidden {args.hidden}: a multiple of 128 (heads of 64, an even number of them)")
     with tempfile.TemporaryDirectory(prefix="shardserve-bench-tp-") as folder:
         log.info("building a random Llama: hidden %d, %d layers", args.hidden, args.layers)
         _build(folder, args)

@@ -56,5 +56,7 @@ def configure(fmt: str | None = None) -> str:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    # httpx logs every request at INFO: a load generator's log would be nothing else
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.captureWarnings(True)  # library warnings become log lines too, in the same format
     return fmt

@@ -200,6 +200,7 @@ def quantize(
         kv_cache_memory=2**28,
         progress=progress,
         load_tokenizer=token_ids is None,
+        cpu_compile=False,  # prompts only: no decode step runs
     ) as llm:
         ids = token_ids or llm.tokenizer.encode(text or calibration_text())
         ids = ids[:calibration_tokens]
@@ -253,7 +254,14 @@ def evaluate(source: str, quantized: str, eval_tokens: int) -> dict[str, float]:
 
     ppl = {}
     for mode, folder in (("none", source), ("smoothquant", quantized)):
-        with LLM(folder, quantization=mode, kv_cache_memory=2**28, max_model_len=4096) as llm:
+        # prompts only: no decode step runs, so none is compiled
+        with LLM(
+            folder,
+            quantization=mode,
+            kv_cache_memory=2**28,
+            max_model_len=4096,
+            cpu_compile=False,
+        ) as llm:
             ppl[mode] = perplexity(llm, held_out(llm.tokenizer, eval_tokens))
     return ppl
 

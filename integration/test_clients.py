@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 
 import httpx
 
 from clients import chat
 from clients.bench import BenchConfig, run_bench
-from integration.conftest import ROOT, free_port
+from integration.conftest import free_port
 from launcher.cli import main as cli_main
 
 
@@ -74,30 +72,6 @@ def test_chat_prints_the_servers_error_and_goes_on(tiny_server):
     assert text.count("error: HTTP 400: max_tokens=100000 exceeds") == 2
     # The failed turn is dropped, so the second request holds only the second question.
     assert bodies[1]["messages"] == [{"role": "user", "content": "again"}]
-
-
-def test_chat_cli_answers_piped_input_and_exits_zero(tiny_server):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launcher",
-            "chat",
-            "--server",
-            tiny_server.url,
-            "--max-tokens",
-            "8",
-        ],
-        input="hi\n/exit\n",
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "Assistant: " in proc.stdout, proc.stdout
-    reply = proc.stdout.split("Assistant: ", 1)[1].split("\n", 1)[0]
-    assert reply.strip(), proc.stdout
 
 
 def test_bench_cli_gets_exact_token_counts_and_percentiles(tiny_server, tmp_path):

@@ -22,6 +22,7 @@ import statistics
 import time
 
 from launcher.cli import write_report
+from launcher.shapes import add_model_args, model_folder
 
 log = logging.getLogger("shardserve.bench")
 
@@ -127,7 +128,7 @@ def _measure(folder: str, lookahead: bool, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shardserve bench-lookahead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    add_model_args(p)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--depth", type=int, default=8, help="NUM_SPECULATIVE_TOKENS")
     p.add_argument("--quantization", default="none", help="QUANTIZATION for both runs")
@@ -140,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
-    from launcher.embedded import ensure_embedded_model
-
-    folder = args.model or str(ensure_embedded_model())
+    folder = model_folder(args)
     runs: dict[bool, list[dict]] = {False: [], True: []}
     for r in range(args.rounds):  # alternate which mode goes first: the host drifts
         for lookahead in (False, True) if r % 2 == 0 else (True, False):

@@ -9,6 +9,7 @@ import tempfile
 import time
 
 from launcher.cli import write_report
+from launcher.shapes import add_model_args, model_folder
 
 log = logging.getLogger("shardserve.bench")
 
@@ -47,16 +48,14 @@ def _measure(model: str, mode: str, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shardserve bench-quant", description=__doc__)
-    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    add_model_args(p)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
-    from launcher.embedded import ensure_embedded_model
-
-    model = args.model or str(ensure_embedded_model())
+    model = model_folder(args)
     modes = args.modes.split(",")
     folders = dict.fromkeys(modes, model)
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,6 +24,7 @@ import httpx
 
 from clients.bench import BenchConfig, run_bench
 from launcher.cli import write_report
+from launcher.shapes import add_model_args, model_folder
 
 log = logging.getLogger("shardserve.bench")
 
@@ -148,7 +149,7 @@ def _serve_and_load(name: str, cmd: list[str], port: int, loads, report: dict) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shardserve bench-serve", description=__doc__)
-    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    add_model_args(p)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -173,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf", default=None, help="GGUF for llama-server (default: the embedded one)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from launcher.embedded import ensure_embedded_model, gguf_path
+    from launcher.embedded import gguf_path
 
-    model = args.model or str(ensure_embedded_model())
+    model = model_folder(args)
     report: dict = {"model": model, "cpus": len(os.sched_getaffinity(0)), "servers": {}}
     report["steps"] = {}
     loads = _loads(args)

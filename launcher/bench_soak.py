@@ -19,6 +19,7 @@ import time
 from clients.bench import BenchConfig, run_bench
 from launcher.bench_serve import _free_port, _ours_cmd, _start, _stop
 from launcher.cli import write_report
+from launcher.shapes import add_model_args, model_folder
 
 log = logging.getLogger("shardserve.bench")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -74,7 +75,7 @@ class _Sampler(threading.Thread):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shardserve bench-soak", description=__doc__)
-    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    add_model_args(p)
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--requests-per-round", type=int, default=256)
@@ -84,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-tolerance", type=float, default=0.05)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if args.model is None:
-        from launcher.embedded import ensure_embedded_model
-
-        args.model = str(ensure_embedded_model())
+    args.model = model_folder(args)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _start(_ours_cmd(args.model, port, args.quantization, "continuous"), url, "/health")

@@ -13,6 +13,7 @@ import statistics
 import time
 
 from launcher.cli import write_report
+from launcher.shapes import add_model_args, model_folder
 
 log = logging.getLogger("shardserve.bench")
 
@@ -53,12 +54,14 @@ def _long_prompt(tokenizer, n_tokens: int) -> list[int]:
     return tokenizer.encode(text)[:n_tokens]
 
 
-# What each of our columns runs: (quantization, compiled decode steps).
+# What each of our columns runs: (quantization, compiled decode steps, hand-written kernels).
 VARIANTS = {
-    "eager": ("none", False),
-    "compiled": ("none", True),
-    "compiled-ifq": ("ifq", True),
+    "eager": ("none", False, True),
+    "compiled": ("none", True, True),
+    "compiled-ifq": ("ifq", True, True),
+    "compiled-ifq-torch": ("ifq", True, False),  # the int8 GEMV through torch's own paths
 }
+DEFAULT_VARIANTS = ("eager", "compiled", "compiled-ifq")
 
 
 def _ours(args, variants: list[str], prompts, long_prompt) -> dict[str, dict]:
@@ -73,7 +76,7 @@ def _ours(args, variants: list[str], prompts, long_prompt) -> dict[str, dict]:
     cold = GenerationParams(max_tokens=1, sampling=greedy)
     llms = {}
     for v in variants:
-        quantization, compiled = VARIANTS[v]
+        quantization, compiled, kernels = VARIANTS[v]
         llms[v] = LLM(
             args.model,
             num_threads=args.threads,
@@ -81,6 +84,7 @@ def _ours(args, variants: list[str], prompts, long_prompt) -> dict[str, dict]:
             kv_cache_memory=512 * 2**20,
             quantization=quantization,
             cpu_compile=compiled,
+            cpu_kernels=kernels,
         )
         llms[v].generate([prompts[0]], GenerationParams(max_tokens=4, sampling=greedy))
         llms[v].scheduler.allocator.enable_prefix_caching = False  # measure prefill itself
@@ -158,7 +162,7 @@ def _transformers(args, model_path, prompts, long_prompt) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shardserve bench-engine", description=__doc__)
-    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    add_model_args(p)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prefill-tokens", type=int, default=1200)
@@ -167,17 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="turns per variant (medians reported)")
     p.add_argument(
         "--variants",
-        default=",".join(VARIANTS),
+        default=",".join(DEFAULT_VARIANTS),
         help=f"our configurations to run, comma-separated (of {', '.join(VARIANTS)})",
     )
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from launcher.embedded import ensure_embedded_model
-
-    model_path = args.model or str(ensure_embedded_model())
-    args.model = model_path
+    model_path = args.model = model_folder(args)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = _prompts(tokenizer, args.batch)
     long_prompt = _long_prompt(tokenizer, args.prefill_tokens)
@@ -213,16 +214,19 @@ def _table(r: dict) -> str:
         ("prefill", "prefill_tok_s"),
     ]
     head = "".join(f" {v:>20s}" for v in ours)
-    lines = [f"tok/s (x transformers)   {head} {'transformers':>13s}"]
+    lines = [f"tok/s (x transformers)   {head} {'transformers' if ref else '':>13s}"]
     for name, key in rows:
-        theirs = ref[key] if ref else float("nan")
-        cells = "".join(f" {o[key]:11.1f} ({o[key] / theirs:5.2f}x)" for o in ours.values())
-        lines.append(f"{name:24s}{cells} {theirs:13.1f}")
-    if "eager" in ours:  # the baseline of issue 6's single-stream target for ifq
+        if ref:
+            cells = "".join(f" {o[key]:11.1f} ({o[key] / ref[key]:5.2f}x)" for o in ours.values())
+            lines.append(f"{name:24s}{cells} {ref[key]:13.1f}")
+        else:
+            lines.append(f"{name:24s}" + "".join(f" {o[key]:20.1f}" for o in ours.values()))
+    first = next(iter(ours))
+    if len(ours) > 1:  # every variant against the first, in the same run
         for name, key in rows:
-            base = ours["eager"][key]
+            base = ours[first][key]
             cells = "".join(f" {o[key] / base:19.2f}x" for o in ours.values())
-            lines.append(f"{name + ' x eager':24s}{cells}")
+            lines.append(f"{name + ' x ' + first:24s}{cells}")
     for variant, o in ours.items():
         for label, key in (("single", "single_steps"), ("batch", "batch_steps")):
             s = o[key]

@@ -65,10 +65,12 @@ class LLM:
         enforce_eager: bool = True,
         gpu_memory_utilization: float = 0.9,
         cpu_compile: bool = True,
+        cpu_kernels: bool = True,
     ) -> None:
         """cpu_compile: on CPU, compile decode steps at start-up (about a minute the first time
         on two cores, seconds once torch's compile cache holds them): several times faster
-        single-stream decoding with `quantization="ifq"` (BENCHMARKS.md)."""
+        single-stream decoding with `quantization="ifq"` (BENCHMARKS.md). cpu_kernels=False: torch's
+        own int8 paths instead of the hand-written GEMV (shards/kernels.py)."""
         if model is None:
             from launcher.embedded import ensure_embedded_model
 
@@ -95,6 +97,7 @@ class LLM:
             enforce_eager=enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization,
             cpu_compile=cpu_compile,
+            cpu_kernels=cpu_kernels,
             lookahead=use_lookahead,
         )
         if shard_process or tensor_parallel_size > 1:  # ranks are always processes

@@ -145,6 +145,7 @@ class ShardSpec:
     seed: int | None = None
     quantization: str = "none"
     fast_kernels: bool = True  # False: only the plain-torch reference paths (tests)
+    cpu_kernels: bool = True  # the hand-written CPU kernels (shards/kernels.py), where built
     enforce_eager: bool = True  # False: decode steps replay as CUDA graphs where they can
     cpu_compile: bool = False  # decode steps run torch.compile'd on CPU where they can
     lookahead: bool = False  # the router drafts trees: compile steps that verify them too

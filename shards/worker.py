@@ -11,7 +11,7 @@ import torch
 from layers.attention.backend import Attention, select_backend
 from layers.quant import int8
 from layers.rotary import rope_type
-from shards import kv_cache
+from shards import kernels, kv_cache
 from shards.compiled_decode import COMPILED_MODES, CompiledDecode
 from shards.cuda_graphs import DecodeGraphs
 from shards.distributed import init_group, min_over_ranks
@@ -109,6 +109,9 @@ class Worker:
             spec.master_port,
             spec.collective_timeout_s,
         )
+        cpu_kernels = spec.fast_kernels and spec.cpu_kernels and self.device.type == "cpu"
+        if cpu_kernels:
+            kernels.load()  # before the layers are built: they look for its ops
         pctx = self.pctx
         why_eager = self._why_not_compiled(backend.name) if spec.cpu_compile else None
         compiled = spec.cpu_compile and why_eager is None
@@ -121,6 +124,7 @@ class Worker:
             quantization=spec.quantization,
             fast_kernels=spec.fast_kernels,
             compiled_decode=compiled,
+            cpu_kernels=cpu_kernels,
         )
         with torch.device(self.device):
             self.model = model_class(self.cfg.architecture)(self.cfg, bc).eval()

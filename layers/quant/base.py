@@ -15,11 +15,13 @@ from torch import nn
 class QuantMode:
     name = "abstract"
 
-    def __init__(self, fast: bool = False, compiled: bool = False) -> None:
+    def __init__(self, fast: bool = False, compiled: bool = False, kernels: bool = False) -> None:
         self.fast = fast  # may use a faster kernel that must agree with the plain-torch path
         # Decode steps may run inside torch.compile (shards/compiled_decode.py): keep what the
         # compiled formulation reads, next to what the eager fast path reads.
         self.compiled = compiled
+        # may call the hand-written CPU kernels that shards/kernels.py registers, where it has
+        self.kernels = kernels
 
     # Whether the LM head (its logits decide every token) takes this mode too, or stays in the
     # compute dtype, as bitsandbytes-style 4-bit loading leaves it.

@@ -5,10 +5,12 @@ the float copy. A row-parallel layer's scales are maxima over the *whole* row (a
 every TP size stores the same int8 values and scales.
 
 The oracle is plain torch: `(x @ q.T) * scale`. One int8 copy serves every fast path on CPU:
-inside a compiled decode step of up to 4 rows, `fused_gemv` streams it as int8; everywhere else
-`int8_two_pass` hands it, transposed in place, to torch's int8 GEMM (`torch._int_mm`, exact
-int32 sums; oneDNN with VNNI here), with the activations rounded to int8 twice over (~15 bits),
-the rounding and recombination compiled around the GEMM where decode steps compile.
+`int8_two_pass` rounds the activations to int8 twice over (~15 bits) and multiplies them with
+the weights in exact int32 sums: up to KERNEL_MAX_TOKENS tokens (decode steps) through the
+hand-written GEMV `shardserve_kernels::int8_mm` (int8_mm.cpp, built by shards/kernels.py), more
+through torch's int8 GEMM (`torch._int_mm`, oneDNN), the two bit-identical; the rounding and
+recombination compiled around them where decode steps compile. Where the kernel is not built
+(no C++ compiler), compiled steps of up to 4 rows multiply float activations with `fused_gemv`.
 
 On CUDA, fast or not, the int8 weight is cast to the compute dtype for cuBLAS: torch's CUDA
 `_weight_int8pack_mm` measured 2-10x slower than that on an H100 at every decode shape
@@ -39,6 +41,33 @@ QMAX = 127
 def int8_matmul_available() -> bool:
     """Whether this CPU build has a fast int8 GEMM behind `torch._int_mm` (oneDNN's)."""
     return torch.backends.mkldnn.is_available()
+
+
+# Tokens (two rows of codes each) up to which the hand-written GEMV beats oneDNN's GEMM: it
+# streams the weights once at near the memory's read rate, where oneDNN reads them at a third to
+# a half of it below ~16 rows (BENCHMARKS.md, int8 GEMV).
+KERNEL_MAX_TOKENS = 8
+# Layers whose rows hold at least this many inputs go through it. A shorter row is too little
+# work per row and per call (the embedded model's 576: a compiled step's own reduction,
+# `fused_gemv`, was as fast or faster, BENCHMARKS.md); from 2,048 inputs on it streams the
+# weights at ~25 GB/s where `fused_gemv` reaches 8-20.
+KERNEL_MIN_IN = 2048
+
+
+def int8_kernel_ready() -> bool:
+    """Whether shards/kernels.py has registered the int8 GEMV and this CPU runs it."""
+    try:
+        return torch.ops.shardserve_kernels.int8_mm_isa() > 0
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def uses_int8_kernel(mode: QuantMode, layer) -> bool:
+    """For a layer whose int8 GEMM path is on (`layer.int8_gemm`): whether its few-token
+    matmuls go through the hand-written GEMV."""
+    return (
+        layer.int8_gemm and mode.kernels and layer.in_local >= KERNEL_MIN_IN and int8_kernel_ready()
+    )
 
 
 def quantize_rows(w: torch.Tensor, row_absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,15 +140,21 @@ COMPILED_TWO_PASS = _CompiledTwoPass()
 
 
 def int8_two_pass(
-    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, compiled: bool = False
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    compiled: bool = False,
+    kernel: bool = False,
 ) -> torch.Tensor:
     """(x @ qweight.T) * scale for int8 qweight [out, in] and float32 scale [out], via
     `_two_pass`: inlined in a compiled step, else compiled on its own when `compiled`, else
-    eagerly in slices of TWO_PASS_ROWS."""
+    eagerly in slices of TWO_PASS_ROWS. `kernel`: the int8 GEMV is registered (few tokens)."""
     flat = x.reshape(-1, x.shape[-1])
     m = flat.shape[0]
     y = None
-    if torch.compiler.is_compiling():
+    if kernel and m <= KERNEL_MAX_TOKENS:  # the same rounding and sums, in one call
+        y = torch.ops.shardserve_kernels.int8_linear(flat.float(), qweight, scale)
+    elif torch.compiler.is_compiling():
         y = _two_pass(flat, qweight, scale)
     elif compiled:
         y = COMPILED_TWO_PASS(flat, qweight, scale)
@@ -136,10 +171,11 @@ def int8_two_pass(
 
 @torch.inference_mode()  # as steps run: grad mode is part of a graph
 def warm_up(model: torch.nn.Module) -> None:
-    """Compile the int8 GEMM now (for one row and for many) rather than on the first prompt."""
+    """Compile the int8 GEMM now (for one row and for many; past the GEMV kernel's rows where it
+    runs) rather than on the first prompt."""
     for layer in model.modules():
         if getattr(layer, "int8_gemm", False) and layer.quant.compiled:
-            for rows in (1, 2):
+            for rows in (1, 2, KERNEL_MAX_TOKENS + 1, KERNEL_MAX_TOKENS + 2):
                 layer.quant.apply(layer, torch.zeros(rows, layer.in_local), None)
             return  # one graph serves every layer
 
@@ -160,6 +196,7 @@ class Int8WeightOnly(QuantMode):
             and w.dtype == torch.float32
             and int8_matmul_available()
         )
+        layer.int8_kernel = uses_int8_kernel(self, layer)
         drop_float_weight(layer)
 
     def dequantized(self, layer) -> torch.Tensor:
@@ -171,10 +208,11 @@ class Int8WeightOnly(QuantMode):
         return out_features * layer.in_local + out_features * 4
 
     def apply(self, layer, x, bias):
-        if fused_gemv_fits(x):
+        if fused_gemv_fits(x) and not layer.int8_kernel:
             y = fused_gemv(x, layer.qweight.to(x.dtype)) * layer.weight_scale
         elif layer.int8_gemm:
-            y = int8_two_pass(x, layer.qweight, layer.weight_scale, self.compiled)
+            qweight, scale = layer.qweight, layer.weight_scale
+            y = int8_two_pass(x, qweight, scale, self.compiled, layer.int8_kernel)
         else:
             y = F.linear(x, layer.qweight.to(x.dtype)) * layer.weight_scale.to(x.dtype)
         return y + bias if bias is not None else y

@@ -21,7 +21,9 @@ class QuantConfigError(ValueError):
     """A quantization mode that cannot run here; the message says why."""
 
 
-def get_quant_mode(name: str, fast: bool = False, compiled: bool = False) -> QuantMode:
+def get_quant_mode(
+    name: str, fast: bool = False, compiled: bool = False, kernels: bool = False
+) -> QuantMode:
     if name not in _MODES:
         if name == "auto":
             raise QuantConfigError(
@@ -29,4 +31,4 @@ def get_quant_mode(name: str, fast: bool = False, compiled: bool = False) -> Qua
                 "and device first (launcher.serve.resolve_quantization)"
             )
         raise QuantConfigError(f"unknown quantization {name!r} (known: {', '.join(KNOWN_MODES)})")
-    return _MODES[name](fast, compiled)
+    return _MODES[name](fast, compiled, kernels)

@@ -21,9 +21,9 @@ smoothing strength per layer (`alpha`, JSON).
 The plain-torch path is the oracle and is W8A8 as int8 GPU kernels compute it: each token of
 `x / s` is rounded to int8 with its own scale (absmax / 127), multiplied with the int8 weights in
 exact integer arithmetic, then rescaled. The CPU fast paths read the same int8 weights at a
-finer activation precision: `int8.int8_two_pass` (~15-bit activations through one int8 GEMM)
-and, in compiled decode steps of up to 4 rows, `fused_gemv` (float activations). The tests
-bound their distance from the oracle.
+finer activation precision: `int8.int8_two_pass` (~15-bit activations through one int8 GEMM or
+the int8 GEMV kernel) and, where that kernel is not built, in compiled decode steps of up to 4
+rows, `fused_gemv` (float activations). The tests bound their distance from the oracle.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from layers.quant.int8 import (
     int8_two_pass,
     quantize_rows,
     token_absmax,
+    uses_int8_kernel,
 )
 
 SMOOTHQUANT_FILE = "smoothq_model-8bit-auto.safetensors"
@@ -125,6 +126,7 @@ class SmoothQuantW8A8(QuantMode):
             and layer.compute_dtype == torch.float32
             and int8_matmul_available()
         )
+        layer.int8_kernel = uses_int8_kernel(self, layer)
 
     def dequantized(self, layer) -> torch.Tensor:
         """The float weight of the original (unsmoothed) layer that the file stands for."""
@@ -137,10 +139,11 @@ class SmoothQuantW8A8(QuantMode):
 
     def apply(self, layer, x, bias):
         xs = x * layer.inv_smooth.to(x.dtype)
-        if fused_gemv_fits(xs):
+        if fused_gemv_fits(xs) and not layer.int8_kernel:
             y = fused_gemv(xs, layer.qweight.to(xs.dtype)) * layer.weight_scale
         elif layer.int8_gemm:
-            y = int8_two_pass(xs, layer.qweight, layer.weight_scale, self.compiled)
+            qweight, scale = layer.qweight, layer.weight_scale
+            y = int8_two_pass(xs, qweight, scale, self.compiled, layer.int8_kernel)
         else:
             # A row-parallel rank holds a slice of each token: the token's scale is the maximum
             # over all ranks, so every TP size rounds every activation alike.

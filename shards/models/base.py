@@ -24,9 +24,12 @@ class BuildContext:
     quantization: str = "none"
     fast_kernels: bool = True  # optional faster kernels that must agree with the plain path
     compiled_decode: bool = False  # decode steps may also run torch.compile'd
+    cpu_kernels: bool = False  # the hand-written CPU kernels (shards/kernels.py) may be used
 
     def quant(self) -> QuantMode:
-        return get_quant_mode(self.quantization, self.fast_kernels, self.compiled_decode)
+        return get_quant_mode(
+            self.quantization, self.fast_kernels, self.compiled_decode, self.cpu_kernels
+        )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,125 @@
+"""Hand-written CPU kernels: built with the machine's C++ compiler (the one torch.compile uses)
+the first time a shard needs them, cached beside torch's own compiled code, and loaded as torch
+ops that layers/ call where they are registered. Without a compiler, or on a CPU without AVX2,
+nothing is registered and the layers keep their plain-torch paths.
+
+    layers/quant/int8_mm.cpp   shardserve_kernels::int8_mm, the int8 GEMV of few-row steps
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import layers.quant
+
+log = logging.getLogger("shardserve.kernels")
+
+SOURCE = Path(layers.quant.__file__).with_name("int8_mm.cpp")
+ISA_NAMES = {1: "AVX2", 2: "AVX-512 VNNI"}
+_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def _compiler() -> str | None:
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        name = get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - torch's search raises when it finds none
+        return None
+    return shutil.which(name)
+
+
+def _command(compiler: str, source: Path, out: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    lib = library_paths()[0]
+    return [
+        compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *(f"-I{p}" for p in include_paths()), str(source), "-o", str(out),
+        f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}",
+    ]  # fmt: skip
+
+
+def _cache_path(compiler: str, source: Path) -> Path:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    key = hashlib.sha256()
+    for part in (source.read_bytes(), torch.__version__.encode(), compiler.encode(), *_FLAGS):
+        key.update(part if isinstance(part, bytes) else part.encode())
+    return Path(cache_dir()) / "shardserve" / f"{source.stem}-{key.hexdigest()[:16]}.so"
+
+
+def build(source: Path = SOURCE, compiler: str | None = None) -> Path:
+    """The shared library of `source`, compiled now unless the cache has it."""
+    compiler = compiler or _compiler()
+    if compiler is None:
+        raise KernelBuildError("no C++ compiler found")
+    path = _cache_path(compiler, source)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    # a file of its own, renamed into place: shards building at once never load a partial one
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        try:
+            command = _command(compiler, source, Path(tmp))
+            done = subprocess.run(command, capture_output=True, text=True)
+        except OSError as e:
+            raise KernelBuildError(f"cannot run {compiler}: {e}") from e
+        if done.returncode != 0:
+            raise KernelBuildError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("built %s in %.1fs (%s)", source.name, time.monotonic() - started, path)
+    return path
+
+
+_loaded: Path | None = None
+
+
+def load(compiler: str | None = None) -> bool:
+    """Register the kernels in this process (once). False, with the reason logged, where they
+    cannot be built or this CPU cannot run them."""
+    global _loaded
+    if _loaded is not None:
+        return True
+    try:
+        path = build(compiler=compiler)
+    except KernelBuildError as e:
+        log.warning("int8 kernel unavailable (%s): int8 decode steps use torch's paths", e)
+        return False
+    torch.ops.load_library(str(path))
+    isa = torch.ops.shardserve_kernels.int8_mm_isa()
+    if isa not in ISA_NAMES:
+        log.warning("int8 kernel unavailable: this CPU has no AVX2")
+        return False
+
+    @torch.library.register_fake("shardserve_kernels::int8_mm")
+    def _(a, b, isa=0):
+        return a.new_empty(a.shape[0], b.shape[0], dtype=torch.int32)
+
+    @torch.library.register_fake("shardserve_kernels::int8_linear")
+    def _(x, b, scale, isa=0):
+        return x.new_empty(x.shape[0], b.shape[0])
+
+    _loaded = path
+    log.info("int8 kernel: %s", ISA_NAMES[isa])
+    return True

@@ -1,0 +1,102 @@
+"""The hand-written int8 GEMV (layers/quant/int8_mm.cpp, built by shards/kernels.py) against its
+oracles: torch._int_mm for the integer sums (bit for bit, every instruction set this CPU has),
+int8.py `_two_pass` for the whole linear, and a model that routes its wide layers through it:
+logits within the ifq bound of the float model, greedy tokens compiled as eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layers.quant import int8
+from layers.quant.registry import get_quant_mode
+from shards import kernels
+from tests.tiny import build_hf_model, make_worker, our_logits, save_checkpoint, tiny_config
+
+if not kernels.load():
+    pytest.skip("the int8 kernel cannot be built or run here", allow_module_level=True)
+
+ISAS = [isa for isa in kernels.ISA_NAMES if isa <= torch.ops.shardserve_kernels.int8_mm_isa()]
+SHAPES = [  # (rows, in, out): odd sizes, a TP half of 1B's down projection, a tied head
+    (1, 1, 1),
+    (1, 63, 5),
+    (2, 577, 13),
+    (3, 1000, 33),
+    (4, 4096, 96),
+    (7, 130, 17),
+    (8, 576, 4096),
+    (16, 2048, 40),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: kernels.ISA_NAMES[i])
+@pytest.mark.parametrize("rows, k, n", SHAPES)
+def test_int8_mm_equals_torch_int_mm(isa, rows, k, n):
+    gen = torch.Generator().manual_seed(rows * k + n)
+    a = torch.randint(-128, 128, (rows, k), dtype=torch.int8, generator=gen)
+    b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    ref = a.int() @ b.int().T  # torch._int_mm wants 16 < rows; the same sums, in int32
+    assert torch.equal(torch.ops.shardserve_kernels.int8_mm(a, b, isa), ref)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: kernels.ISA_NAMES[i])
+@pytest.mark.parametrize("rows, k, n", [s for s in SHAPES if s[0] <= 8])
+def test_int8_linear_rounds_and_sums_as_the_two_pass_oracle(isa, rows, k, n):
+    gen = torch.Generator().manual_seed(k + n)
+    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
+    x[0, 0] = 0.0  # zeros, and a row of them
+    if rows > 2:
+        x[1] = 0.0
+    w = torch.randn(n, k, generator=gen)
+    q, scale = int8.quantize_rows(w, w.abs().amax(dim=1))
+    got = torch.ops.shardserve_kernels.int8_linear(x, q, scale, isa)
+    ref = int8._two_pass(x, q, scale)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    exact = x @ (q.float() * scale[:, None]).T  # ~15-bit activations: far inside ifq's bound
+    assert (got - exact).abs().max() <= 1e-3 * exact.abs().max() + 1e-6
+
+
+def test_a_build_without_a_compiler_is_refused_by_name(tmp_path):
+    with pytest.raises(kernels.KernelBuildError, match="no-such-c"):
+        kernels.build(compiler=str(tmp_path / "no-such-c++"))
+
+
+def test_only_wide_layers_and_kernel_modes_take_it():
+    from layers.linear import ColumnParallelLinear
+
+    def layer(k: int, kernels_on: bool):
+        lin = ColumnParallelLinear(k, 8, quant=get_quant_mode("ifq", True, False, kernels_on))
+        lin.weight.data.normal_()
+        lin.finalize_weights()
+        return lin
+
+    assert layer(int8.KERNEL_MIN_IN, True).int8_kernel
+    assert not layer(int8.KERNEL_MIN_IN, False).int8_kernel  # torch's paths: the fallback
+    assert not layer(int8.KERNEL_MIN_IN - 1, True).int8_kernel
+
+
+@pytest.fixture(scope="module")
+def wide_folder(tmp_path_factory):
+    """Down projections of 2,048 inputs: the layers the kernel takes."""
+    hf = build_hf_model(tiny_config("llama", intermediate_size=int8.KERNEL_MIN_IN))
+    return save_checkpoint(hf, tmp_path_factory.mktemp("wide") / "model")
+
+
+def test_a_model_through_the_kernel_stays_within_ifq_bounds(wide_folder):
+    tokens = [5, 17, 99, 3, 41, 150, 8, 77, 12, 60]
+    worker = make_worker(wide_folder, quantization="ifq")
+    assert any(getattr(m, "int8_kernel", False) for m in worker.model.modules())
+    got = our_logits(worker, tokens, 6)
+    oracle = our_logits(make_worker(wide_folder, quantization="ifq", fast_kernels=False), tokens, 6)
+    assert (got - oracle).abs().max() <= 2e-3 * oracle.abs().max()
+
+
+def test_compiled_steps_through_the_kernel_decode_as_eager_ones(wide_folder):
+    tokens = [5, 17, 99, 3, 41, 150, 8, 77, 12, 60, 33, 2]
+    eager = our_logits(make_worker(wide_folder, quantization="ifq"), tokens, 4)
+    compiled = make_worker(wide_folder, quantization="ifq", cpu_compile=True)
+    assert compiled.runner.compiled is not None
+    got = our_logits(compiled, tokens, 4)
+    assert torch.equal(got.argmax(-1), eager.argmax(-1))
+    # the narrow layers differ: compiled steps multiply them with float activations
+    assert (got - eager).abs().max() <= 2e-3 * eager.abs().max()

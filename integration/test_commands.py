@@ -31,6 +31,7 @@ TESTED = {
     "bench-lookahead": "test_bench_lookahead",
     "bench-gpu": "test_bench_gpu",
     "bench-tp": "test_bench_tp",
+    "bench-kernels": "test_bench_kernels",
 }
 
 
@@ -171,6 +172,19 @@ def test_bench_tp(tmp_path):
     for tp in ("tp1", "tp2"):
         assert all(r["step_ms"] > 0 for r in report[tp].values()), report[tp]
     assert report["collectives"]["plan broadcast us"] > 0
+
+
+def test_bench_kernels(tmp_path):
+    path = tmp_path / "kernels.json"
+    out = shardserve("bench-kernels", "--shapes", "smollm2-135m", "--total-mib", "8",
+                     "--json", str(path))  # fmt: skip
+    rows = json.loads(path.read_text())["shapes"]["smollm2-135m"]
+    assert set(rows) == {"qkv", "o", "gate_up", "down", "lm_head"}
+    for name, r in rows.items():
+        paths = {p: v for p, v in r.items() if p != "shape"}
+        assert {"float32", "bfloat16", "int8 fused", "int8 onednn"} <= set(paths), name
+        assert all(v > 0 for v in paths.values()), (name, paths)
+    assert "GB/s of weight bytes" in out
 
 
 def test_bench_gpu(tmp_path):

@@ -52,6 +52,11 @@ COMMANDS = {
         "main",
         "GPU decode tok/s per quant mode, eager and CUDA graphs, against the roofline",
     ),
+    "bench-kernels": (
+        "launcher.bench_kernels",
+        "main",
+        "GB/s of weight bytes per linear shape: float, bfloat16 and the int8 paths",
+    ),
     "bench-tp": (
         "launcher.bench_tp",
         "main",

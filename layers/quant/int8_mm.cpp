@@ -148,16 +148,15 @@ int64_t best_isa() {
 
 // -- the activations' two int8 passes ----------------------------------------------------------
 // Exactly torch's `_two_pass` rounding: step = max(absmax, 1e-30) / 127, u = x / step (a true
-// division), hi = round-half-even(u), lo = u - hi, and lo on its own grid the same way. Codes
-// are written offset by 128 for VNNI (`flip`).
+// division), hi = round-half-even(u), lo = u - hi, and lo on its own grid the same way. The
+// AVX-512 codes are written offset by 128, for VNNI.
 constexpr float kQmax = 127.0f;
 constexpr float kTiny = 1e-30f;
 
-template <bool kVnni>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_avx512(
     const float* x, int64_t K, int8_t* hi, int8_t* lo, float* lo_u, float* step, float* lo_step) {
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m512i flip = _mm512_set1_epi32(kVnni ? 128 : 0);
+  const __m512i flip = _mm512_set1_epi32(128);  // VNNI's unsigned bytes
   __m512 vmax = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
@@ -259,7 +258,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& b, const at::Tenso
     int8_t* hi = codes.data() + m * K;
     int8_t* lo = codes.data() + (M + m) * K;
     if (isa == kAvx512Vnni)
-      quantize_avx512<true>(xp + m * K, K, hi, lo, lo_u.data(), &step[m], &lo_step[m]);
+      quantize_avx512(xp + m * K, K, hi, lo, lo_u.data(), &step[m], &lo_step[m]);
     else
       quantize_avx2(xp + m * K, K, hi, lo, lo_u.data(), &step[m], &lo_step[m]);
   }

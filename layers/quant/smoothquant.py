@@ -126,7 +126,8 @@ class SmoothQuantW8A8(QuantMode):
             and layer.compute_dtype == torch.float32
             and int8_matmul_available()
         )
-        layer.int8_kernel = uses_int8_kernel(self, layer)
+        # the kernel's AVX2 path negates weights: a file made elsewhere may hold -128
+        layer.int8_kernel = uses_int8_kernel(self, layer) and int(layer.qweight.min()) > -QMAX - 1
 
     def dequantized(self, layer) -> torch.Tensor:
         """The float weight of the original (unsmoothed) layer that the file stands for."""

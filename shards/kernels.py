@@ -3,7 +3,8 @@ the first time a shard needs them, cached beside torch's own compiled code, and 
 ops that layers/ call where they are registered. Without a compiler, or on a CPU without AVX2,
 nothing is registered and the layers keep their plain-torch paths.
 
-    layers/quant/int8_mm.cpp   shardserve_kernels::int8_mm, the int8 GEMV of few-row steps
+    layers/quant/gemv.cpp   shardserve_kernels::int8_linear and nf4_linear, the GEMVs of
+                            few-token steps over int8 and NF4 weights
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import layers.quant
 
 log = logging.getLogger("shardserve.kernels")
 
-SOURCE = Path(layers.quant.__file__).with_name("int8_mm.cpp")
+SOURCE = Path(layers.quant.__file__).with_name("gemv.cpp")
 ISA_NAMES = {1: "AVX2", 2: "AVX-512 VNNI"}
+ISA_KERNELS = {1: "int8", 2: "int8 and NF4"}
 _FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
 
 
@@ -104,12 +106,12 @@ def load(compiler: str | None = None) -> bool:
     try:
         path = build(compiler=compiler)
     except KernelBuildError as e:
-        log.warning("int8 kernel unavailable (%s): int8 decode steps use torch's paths", e)
+        log.warning("CPU kernels unavailable (%s): quantized decode steps use torch's paths", e)
         return False
     torch.ops.load_library(str(path))
     isa = torch.ops.shardserve_kernels.int8_mm_isa()
     if isa not in ISA_NAMES:
-        log.warning("int8 kernel unavailable: this CPU has no AVX2")
+        log.warning("CPU kernels unavailable: this CPU has no AVX2")
         return False
 
     @torch.library.register_fake("shardserve_kernels::int8_mm")
@@ -120,6 +122,10 @@ def load(compiler: str | None = None) -> bool:
     def _(x, b, scale, isa=0):
         return x.new_empty(x.shape[0], b.shape[0])
 
+    @torch.library.register_fake("shardserve_kernels::nf4_linear")
+    def _(x, packed, scale, levels):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
     _loaded = path
-    log.info("int8 kernel: %s", ISA_NAMES[isa])
+    log.info("CPU kernels: %s GEMVs, %s", ISA_KERNELS[isa], ISA_NAMES[isa])
     return True

@@ -95,6 +95,15 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def kernel_isa() -> int:
+    """The instruction set of the hand-written CPU kernels (layers/quant/gemv.cpp) that
+    shards/kernels.py has registered in this process: 0 none, 1 AVX2, 2 AVX-512 VNNI."""
+    try:
+        return int(torch.ops.shardserve_kernels.int8_mm_isa())
+    except (AttributeError, RuntimeError):
+        return 0
+
+
 def fused_gemv_fits(x: torch.Tensor) -> bool:
     """Whether this matmul runs inside a compiled step and is small enough for `fused_gemv`."""
     return torch.compiler.is_compiling() and x.numel() <= FUSED_GEMV_MAX_ROWS * x.shape[-1]

@@ -2,8 +2,10 @@
 `ifq_nf4` (NF4 codes packed two per byte, one absmax scale per group of 64 inputs). They hold
 1/4 and ~1/7 of float32's bytes. Compiled CPU decode steps of up to 4 rows read the codes inside
 `fused_gemv`'s reduction (e4m3 converted, NF4 looked up per byte), which no float weight is
-built for; every other matmul (prompts, bigger batches, eager steps) rebuilds the float weight
-first. The log says which at start-up.
+built for; on a CPU with AVX-512, steps of up to NF4_KERNEL_MAX_TOKENS tokens, compiled or not,
+look NF4 codes up in registers instead (`shardserve_kernels::nf4_linear`, gemv.cpp: inductor's
+lookup streamed the 1B shape's codes at well under 1 GB/s). Every other matmul (prompts, bigger
+batches) rebuilds the float weight first. The log says which at start-up.
 
 On GPUs with fp8 tensor cores (compute capability 8.9+), `fp8` with fast kernels runs the
 large linears with `torch._scaled_mm` on the fp8 weight, each token's activations quantized to
@@ -25,12 +27,16 @@ from layers.quant.base import (
     float_weight,
     fused_gemv,
     fused_gemv_fits,
+    kernel_isa,
     row_absmax,
 )
 
 log = logging.getLogger("shardserve.quant")
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# Tokens up to which the NF4 kernel, reading the codes once for all of them, beats rebuilding
+# the float weight and one GEMM (about a second per step at the 1B shape).
+NF4_KERNEL_MAX_TOKENS = 64
 FP8_MM_MIN_WEIGHTS = 4 * 2**20  # weights per linear from which _scaled_mm beats dequantizing
 NF4_GROUP = 64
 # The 16 NF4 levels: quantiles of a standard normal, scaled to [-1, 1], with an exact zero.
@@ -55,6 +61,10 @@ def _check_groups(layer, out_local: int, in_local: int) -> None:
 
 
 DEQUANTIZED = "weights are dequantized at every step (memory saved, not time)"
+NF4_KERNEL = (
+    "steps of up to 64 tokens look the codes up in a hand-written kernel; longer prompt "
+    "chunks dequantize per step"
+)
 COMPILED_CODES = (
     "compiled decode steps of up to 4 rows read the codes in place; prompts and larger "
     "batches dequantize per step"
@@ -199,8 +209,10 @@ class Nf4WeightOnly(_Announced):
         layer.nf4_packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
         layer.nf4_scale = scale
         layer.nf4_levels = levels
+        layer.nf4_kernel = self.kernels and w.device.type == "cpu" and kernel_isa() >= 2
         drop_float_weight(layer)
-        self._announce(w.device, self._plain_how(w.device))
+        how = NF4_KERNEL if layer.nf4_kernel else self._plain_how(w.device)
+        self._announce(w.device, how)
 
     def dequantized(self, layer) -> torch.Tensor:
         packed = layer.nf4_packed
@@ -216,7 +228,13 @@ class Nf4WeightOnly(_Announced):
         return layer.nf4_packed.numel() + layer.nf4_scale.numel() * 4
 
     def apply(self, layer, x, bias):
-        if fused_gemv_fits(x):
+        flat = x.reshape(-1, x.shape[-1])
+        if layer.nf4_kernel and flat.shape[0] <= NF4_KERNEL_MAX_TOKENS:
+            packed, scale, levels = layer.nf4_packed, layer.nf4_scale, layer.nf4_levels
+            y = torch.ops.shardserve_kernels.nf4_linear(flat.float(), packed, scale, levels)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+        elif fused_gemv_fits(x):
             y = fused_gemv(x, self.dequantized(layer).to(x.dtype))
-            return y + bias if bias is not None else y
-        return F.linear(x, self.dequantized(layer).to(x.dtype), bias)
+        else:
+            return F.linear(x, self.dequantized(layer).to(x.dtype), bias)
+        return y + bias if bias is not None else y

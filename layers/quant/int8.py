@@ -7,7 +7,7 @@ every TP size stores the same int8 values and scales.
 The oracle is plain torch: `(x @ q.T) * scale`. One int8 copy serves every fast path on CPU:
 `int8_two_pass` rounds the activations to int8 twice over (~15 bits) and multiplies them with
 the weights in exact int32 sums: up to KERNEL_MAX_TOKENS tokens (decode steps) through the
-hand-written GEMV `shardserve_kernels::int8_mm` (int8_mm.cpp, built by shards/kernels.py), more
+hand-written GEMV `shardserve_kernels::int8_linear` (gemv.cpp, built by shards/kernels.py), more
 through torch's int8 GEMM (`torch._int_mm`, oneDNN), the two bit-identical; the rounding and
 recombination compiled around them where decode steps compile. Where the kernel is not built
 (no C++ compiler), compiled steps of up to 4 rows multiply float activations with `fused_gemv`.
@@ -30,6 +30,7 @@ from layers.quant.base import (
     float_weight,
     fused_gemv,
     fused_gemv_fits,
+    kernel_isa,
     row_absmax,
 )
 
@@ -54,20 +55,10 @@ KERNEL_MAX_TOKENS = 8
 KERNEL_MIN_IN = 2048
 
 
-def int8_kernel_ready() -> bool:
-    """Whether shards/kernels.py has registered the int8 GEMV and this CPU runs it."""
-    try:
-        return torch.ops.shardserve_kernels.int8_mm_isa() > 0
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def uses_int8_kernel(mode: QuantMode, layer) -> bool:
     """For a layer whose int8 GEMM path is on (`layer.int8_gemm`): whether its few-token
     matmuls go through the hand-written GEMV."""
-    return (
-        layer.int8_gemm and mode.kernels and layer.in_local >= KERNEL_MIN_IN and int8_kernel_ready()
-    )
+    return layer.int8_gemm and mode.kernels and layer.in_local >= KERNEL_MIN_IN and kernel_isa() > 0
 
 
 def quantize_rows(w: torch.Tensor, row_absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

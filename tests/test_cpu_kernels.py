@@ -1,7 +1,8 @@
-"""The hand-written int8 GEMV (layers/quant/int8_mm.cpp, built by shards/kernels.py) against its
-oracles: torch._int_mm for the integer sums (bit for bit, every instruction set this CPU has),
-int8.py `_two_pass` for the whole linear, and a model that routes its wide layers through it:
-logits within the ifq bound of the float model, greedy tokens compiled as eager."""
+"""The hand-written CPU GEMVs (layers/quant/gemv.cpp, built by shards/kernels.py) against their
+oracles: for int8, torch's integer matmul for the sums (bit for bit, every instruction set this
+CPU has), int8.py `_two_pass` for the whole linear, and a model that routes its wide layers
+through it (logits within the ifq bound, greedy tokens compiled as eager); for NF4, the matmul
+over the dequantized weight, and a model served with it as with the plain path."""
 
 from __future__ import annotations
 
@@ -73,6 +74,60 @@ def test_only_wide_layers_and_kernel_modes_take_it():
     assert layer(int8.KERNEL_MIN_IN, True).int8_kernel
     assert not layer(int8.KERNEL_MIN_IN, False).int8_kernel  # torch's paths: the fallback
     assert not layer(int8.KERNEL_MIN_IN - 1, True).int8_kernel
+
+
+nf4_only = pytest.mark.skipif(
+    torch.ops.shardserve_kernels.int8_mm_isa() < 2, reason="the NF4 kernel needs AVX-512"
+)
+
+
+def _nf4_layer(k: int, n: int, kernels_on: bool = True):
+    from layers.linear import ColumnParallelLinear
+
+    layer = ColumnParallelLinear(k, n, quant=get_quant_mode("ifq_nf4", True, False, kernels_on))
+    layer.weight.data.normal_(generator=torch.Generator().manual_seed(k + n))
+    layer.finalize_weights()
+    return layer
+
+
+@nf4_only
+@pytest.mark.parametrize("rows, k, n", [(1, 64, 3), (2, 576, 960), (8, 2048, 77), (9, 128, 5),
+                                        (64, 1024, 33), (3, 8192, 16)])  # fmt: skip
+def test_nf4_linear_equals_the_dequantized_matmul(rows, k, n):
+    layer = _nf4_layer(k, n)
+    assert layer.nf4_kernel
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    ref = x @ layer.quant.dequantized(layer).T
+    got = layer.quant.apply(layer, x, None)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6 * ref.abs().max().item())
+
+
+@nf4_only
+def test_nf4_past_its_token_bound_or_without_kernels_takes_the_plain_path():
+    from layers.quant.dequant import NF4_KERNEL_MAX_TOKENS
+
+    assert not _nf4_layer(128, 8, kernels_on=False).nf4_kernel
+    layer = _nf4_layer(128, 8)
+    x = torch.randn(NF4_KERNEL_MAX_TOKENS + 1, 128)
+    torch.testing.assert_close(layer.quant.apply(layer, x, None),
+                               x @ layer.quant.dequantized(layer).T)  # fmt: skip
+
+
+@nf4_only
+def test_a_model_in_nf4_decodes_through_the_kernel_as_through_the_plain_path(tiny_nf4_folder):
+    tokens = [5, 17, 99, 3, 41, 150, 8, 77, 12, 60]
+    worker = make_worker(tiny_nf4_folder, quantization="ifq_nf4")
+    assert any(getattr(m, "nf4_kernel", False) for m in worker.model.modules())
+    got = our_logits(worker, tokens, 6)
+    plain = make_worker(tiny_nf4_folder, quantization="ifq_nf4", fast_kernels=False)
+    ref = our_logits(plain, tokens, 6)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.fixture(scope="module")
+def tiny_nf4_folder(tmp_path_factory):
+    hf = build_hf_model(tiny_config("llama"))
+    return save_checkpoint(hf, tmp_path_factory.mktemp("nf4") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,14 @@
-// Two ops for the few rows of a decode step, where torch's int8 GEMM reads the weights slowly:
+// GEMVs for the few rows of a decode step, where torch's paths read quantized weights slowly:
 //   shardserve_kernels::int8_mm(a, b): c[m][n] = sum_k a[m][k] * b[n][k] for int8 a [M, K] and
 //     b [N, K], int32 c [M, N]: torch._int_mm(a, b.t()), exactly.
 //   shardserve_kernels::int8_linear(x, b, scale): (x @ b.T) * scale for float32 x [M, K], as
 //     layers/quant/int8.py `_two_pass` computes it: each row of x rounded to int8 twice over
 //     (its value, then its rounding error, each on its own absmax / 127 grid), both multiplied
 //     with b in exact int32 sums, recombined in float32. One call: no glue ops around it.
+//   shardserve_kernels::nf4_linear(x, packed, scale, levels): x @ W.T for the NF4 weights of
+//     layers/quant/dequant.py (codes two per byte, low nibble first, a float32 absmax scale per
+//     group of 64 inputs), looked up in registers, any number of rows of x in groups of 8
+//     while a row of codes stays in L1; AVX-512 only.
 // b (the weights) streams from memory once, row by row, each row one sequential read that the
 // hardware prefetcher follows; its K bytes stay in L1 while every row of a is multiplied in.
 // b's values must lie in [-127, 127] (symmetric int8, as `ifq` stores them): the AVX2 path
@@ -282,6 +286,87 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& b, const at::Tenso
   return y;
 }
 
+// -- NF4 -----------------------------------------------------------------------------------------
+// 16 codes -> 16 int32 lanes -> vpermps into the 16 levels: the table is one register. Each
+// group of 64 inputs sums level * x on its own, then joins the row's total times its scale.
+constexpr int64_t kNf4Group = 64;
+
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void row_nf4(
+    const float* x, const uint8_t* packed, const float* scale, const float* table, float* y,
+    int64_t K, int64_t N) {
+  const __m512 levels = _mm512_loadu_ps(table);
+  __m512 total[M];
+  for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
+  const __m128i low = _mm_set1_epi8(0x0F);
+  for (int64_t g = 0; g < K / kNf4Group; ++g) {
+    __m512 part[M];
+    for (int m = 0; m < M; ++m) part[m] = _mm512_setzero_ps();
+    for (int half = 0; half < 2; ++half) {  // 16 bytes: 32 codes
+      const __m128i bytes = _mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(packed + g * (kNf4Group / 2) + 16 * half));
+      const __m128i lo = _mm_and_si128(bytes, low);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+      const __m128i codes[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+      for (int q = 0; q < 2; ++q) {
+        const __m512 w = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes[q]), levels);
+        const int64_t k = g * kNf4Group + 32 * half + 16 * q;
+        for (int m = 0; m < M; ++m)
+          part[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), part[m]);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(scale[g]);
+    for (int m = 0; m < M; ++m) total[m] = _mm512_fmadd_ps(part[m], s, total[m]);
+  }
+  for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(total[m]);
+}
+
+using Nf4Fn = void (*)(const float*, const uint8_t*, const float*, const float*, float*, int64_t,
+                       int64_t);
+
+Nf4Fn pick_nf4(int64_t rows) {
+  switch (rows) {
+    case 1: return row_nf4<1>;
+    case 2: return row_nf4<2>;
+    case 3: return row_nf4<3>;
+    case 4: return row_nf4<4>;
+    case 5: return row_nf4<5>;
+    case 6: return row_nf4<6>;
+    case 7: return row_nf4<7>;
+    default: return row_nf4<8>;
+  }
+}
+
+at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                      const at::Tensor& levels) {
+  TORCH_CHECK(supported(kAvx512Vnni), "nf4_linear: needs AVX-512");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && packed.scalar_type() == at::kByte &&
+                  scale.scalar_type() == at::kFloat && levels.scalar_type() == at::kFloat &&
+                  levels.numel() == 16,
+              "nf4_linear: float32 x, uint8 packed codes, float32 scales and 16 levels");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+  TORCH_CHECK(x.dim() == 2 && K % kNf4Group == 0 && packed.size(1) * 2 == K &&
+                  scale.size(0) == N && scale.size(1) == K / kNf4Group,
+              "nf4_linear: x [M, K], packed [N, K / 2], scale [N, K / 64]");
+  const at::Tensor xc = x.contiguous(), pc = packed.contiguous(), sc = scale.contiguous();
+  const at::Tensor lc = levels.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const uint8_t* pp = pc.data_ptr<uint8_t>();
+  const float* sp = sc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* lut = lc.data_ptr<float>();
+  const Nf4Fn full = pick_nf4(8), rest = pick_nf4(M % 8);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K / 2, 1));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)  // the row's codes stay in L1 for every group of tokens
+      for (int64_t m0 = 0; m0 < M; m0 += 8)
+        (M - m0 >= 8 ? full : rest)(xp + m0 * K, pp + n * (K / 2), sp + n * (K / kNf4Group),
+                                     lut, yp + m0 * N + n, K, N);
+  });
+  return y;
+}
+
 at::Tensor int8_mm(const at::Tensor& a, const at::Tensor& b, int64_t isa) {
   TORCH_CHECK(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar,
               "int8_mm: int8 operands");
@@ -318,10 +403,12 @@ TORCH_LIBRARY(shardserve_kernels, m) {
   // isa: 0 the best this CPU has, 1 AVX2, 2 AVX-512 VNNI (tests run each)
   m.def("int8_mm(Tensor a, Tensor b, int isa=0) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor b, Tensor scale, int isa=0) -> Tensor");
+  m.def("nf4_linear(Tensor x, Tensor packed, Tensor scale, Tensor levels) -> Tensor");
   m.def("int8_mm_isa() -> int", []() -> int64_t { return best_isa(); });
 }
 
 TORCH_LIBRARY_IMPL(shardserve_kernels, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int8_linear", &int8_linear);
+  m.impl("nf4_linear", &nf4_linear);
 }

@@ -31,6 +31,14 @@ SHARDSERVE = str(Path(sys.executable).with_name("shardserve"))
 SERVE = [SHARDSERVE, "serve"]
 
 
+def _environ(extra: dict | None) -> dict:
+    """The server's environment. Servers compute in float32 unless a test says otherwise: tests
+    compare their text and logits with transformers in float32, and the CPU default dtype
+    depends on the host (shards/dtypes.py). A None value removes the variable."""
+    env = {"DTYPE": "float32", **os.environ, **(extra or {})}
+    return {k: v for k, v in env.items() if v is not None}
+
+
 class Server:
     def __init__(
         self,
@@ -54,7 +62,7 @@ class Server:
                 *args,
             ],
             cwd=ROOT,
-            env={**os.environ, **(env or {})},
+            env=_environ(env),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=own_group,  # a process group of its own, to signal as a whole

@@ -35,7 +35,9 @@ def test_api_greedy_equals_offline_engine(embedded_server, embedded_folder):
 
     messages = [{"role": "user", "content": "What is 2 + 2?"}]
     api = _chat(embedded_server, messages[0]["content"], temperature=0, max_tokens=32)
-    llm = LLM(str(embedded_folder), kv_cache_memory=256 * 2**20, max_model_len=1024)
+    llm = LLM(
+        str(embedded_folder), kv_cache_memory=256 * 2**20, max_model_len=1024, dtype="float32"
+    )
     offline = llm.generate(
         [llm.encode_chat(messages)],
         GenerationParams(max_tokens=32, sampling=SamplingParams(temperature=0)),

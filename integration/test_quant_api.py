@@ -36,7 +36,7 @@ def _api_vs_offline(tmp_path_factory, folder, mode: str, env: dict) -> str:
         logs = server.logs()
     finally:
         server.stop()
-    with LLM(str(folder), quantization=mode, kv_cache_memory=2**26) as llm:
+    with LLM(str(folder), quantization=mode, kv_cache_memory=2**26, dtype="float32") as llm:
         offline = llm.generate(
             [llm.encode_chat(MESSAGES)],
             GenerationParams(max_tokens=16, sampling=SamplingParams(temperature=0)),

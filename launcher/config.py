@@ -56,7 +56,8 @@ class Config:
         "--dtype",
         "DTYPE",
         None,
-        "compute dtype: auto, float16, bfloat16, float32 (default: float16 on GPU, float32 on CPU)",
+        "compute dtype: auto, float16, bfloat16, float32 (default: float16 on GPU; on CPU bfloat16 "
+        "where it has bfloat16 dot products and weights are not quantized, else float32)",
         choices=["auto", "float16", "bfloat16", "float32"],
     )
     max_model_len: int | None = opt(

@@ -156,8 +156,8 @@ class ProcessPlan:
 def ds_image_settings(c: Config, device: str) -> Config:
     """Dynamic batching is the DeepSpeed image's mode, whose DS_DTYPE sets the precision:
     int8 is our ifq (in the compute dtype), float16 / bfloat16 the dtype. DTYPE and QUANTIZATION
-    given as well win. On CPU, half precision is several times slower than float32, so a
-    DS_DTYPE of float16 / bfloat16 keeps float32 there (logged)."""
+    given as well win. On CPU a DS_DTYPE of float16 / bfloat16 leaves the CPU's default dtype
+    (bfloat16 only where the CPU multiplies it natively, shards/dtypes.py; logged)."""
     if c.scheduler != "dynamic-batching":
         return c
     changes: dict = {}
@@ -167,7 +167,7 @@ def ds_image_settings(c: Config, device: str) -> Config:
     elif c.dtype is None and device != "cpu":
         changes["dtype"] = c.ds_dtype
     elif c.dtype is None:
-        log.info("DS_DTYPE=%s on CPU: computing in float32 (half precision is slow)", c.ds_dtype)
+        log.info("DS_DTYPE=%s on CPU: the CPU default dtype applies", c.ds_dtype)
     if changes:
         log.info("dynamic batching, DS_DTYPE=%s: %s", c.ds_dtype, changes)
     return dataclasses.replace(c, **changes)

@@ -136,7 +136,7 @@ class ShardSpec:
 
     model_path: str
     device: str = "cpu"  # "cpu" or "cuda"
-    dtype: str | None = None  # None: float32 on CPU, float16 on GPU; "auto": the checkpoint's
+    dtype: str | None = None  # None: shards/dtypes.py's default; "auto": the checkpoint's
     block_size: int = 16
     kv_cache_memory: int = 2 * 2**30  # bytes, CPU only
     gpu_memory_utilization: float = 0.9

@@ -15,6 +15,7 @@ from shards import kernels, kv_cache
 from shards.compiled_decode import COMPILED_MODES, CompiledDecode
 from shards.cuda_graphs import DecodeGraphs
 from shards.distributed import init_group, min_over_ranks
+from shards.dtypes import resolve_dtype
 from shards.heap import HeapTrimmer
 from shards.loader import load_weights
 from shards.model_config import ModelConfig, check_tensor_parallel, load_model_config
@@ -24,32 +25,6 @@ from shards.runner import ModelRunner
 from shards.wire import ShardInfo, ShardSpec, StepPlan, StepResult
 
 log = logging.getLogger("shardserve.worker")
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class DtypeError(ValueError):
-    pass
-
-
-def resolve_dtype(
-    requested: str | None, device: torch.device, checkpoint_dtype: str | None
-) -> torch.dtype:
-    """None → float32 on CPU (half-precision matmuls are several times slower on CPUs without
-    native support), float16 on GPU; "auto" → the checkpoint's dtype."""
-    if requested is None:
-        return torch.float32 if device.type == "cpu" else torch.float16
-    name = requested
-    if requested == "auto":
-        name = checkpoint_dtype if checkpoint_dtype in _DTYPES else "float32"
-        if device.type == "cuda" and name == "float32":
-            name = "float16"
-    if name not in _DTYPES:
-        raise DtypeError(f"--dtype {requested!r} is not one of auto, {', '.join(_DTYPES)}")
-    dtype = _DTYPES[name]
-    if device.type == "cpu" and dtype != torch.float32:
-        log.warning("dtype %s on CPU: matmuls run several times slower than float32 here", name)
-    return dtype
 
 
 def model_weight_bytes(model: torch.nn.Module) -> int:
@@ -90,7 +65,9 @@ class Worker:
             torch.set_num_threads(spec.num_threads)
         self.device = torch.device(spec.device)
         self.cfg = load_model_config(spec.model_path)
-        self.dtype = resolve_dtype(spec.dtype, self.device, self.cfg.checkpoint_dtype)
+        self.dtype = resolve_dtype(
+            spec.dtype, self.device, self.cfg.checkpoint_dtype, spec.quantization
+        )
         self.max_model_len = resolve_max_model_len(self.cfg, spec.max_model_len)
         backend = select_backend(self.device, self.dtype)
         self.block_size = spec.block_size

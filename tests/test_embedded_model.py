@@ -21,7 +21,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(max_num_batched_tokens=512)
+    return LLM(max_num_batched_tokens=512, dtype="float32")
 
 
 def test_converted_folder_is_a_plain_checkpoint(llm):

@@ -25,6 +25,7 @@ def _llm(folder, **kw) -> LLM:
     kw.setdefault("block_size", 4)
     kw.setdefault("kv_cache_memory", 512 * KIB)
     kw.setdefault("max_model_len", 128)
+    kw.setdefault("dtype", "float32")  # compared with transformers in float32
     return LLM(str(folder), load_tokenizer=False, **kw)
 
 

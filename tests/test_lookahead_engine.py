@@ -34,7 +34,7 @@ def _prompts(rng: random.Random, n: int) -> list[list[int]]:
 
 def _run(folder, prompts, params, **kw):
     with LLM(str(folder), load_tokenizer=False, kv_cache_memory=2**24, block_size=4,
-             max_model_len=512, **kw) as llm:  # fmt: skip
+             max_model_len=512, dtype="float32", **kw) as llm:  # fmt: skip
         if llm.scheduler.drafter is not None:  # verify trees at every step, even where they
             llm.scheduler.drafter.gate_on_cost = False  # would not pay on this tiny model
         done = llm.generate(prompts, params)
@@ -69,10 +69,11 @@ def test_logprobs_with_lookahead_match_plain(tiny_folder):
     params = GenerationParams(
         max_tokens=24, sampling=SamplingParams(temperature=0.0, logprobs=2), ignore_eos=True
     )
-    with LLM(str(tiny_folder), load_tokenizer=False, kv_cache_memory=2**24, block_size=4) as llm:
+    with LLM(str(tiny_folder), load_tokenizer=False, kv_cache_memory=2**24, block_size=4,
+             dtype="float32") as llm:  # fmt: skip
         plain = llm.generate(prompts, params)
     with LLM(str(tiny_folder), load_tokenizer=False, kv_cache_memory=2**24, block_size=4,
-             use_lookahead=True) as llm:  # fmt: skip
+             use_lookahead=True, dtype="float32") as llm:  # fmt: skip
         llm.scheduler.drafter.gate_on_cost = False
         ahead = llm.generate(prompts, params)
         assert llm.scheduler.num_draft_accepted > 0
@@ -98,7 +99,9 @@ def test_embedded_model_quoting_a_document_is_identical_and_accepts_drafts():
     params = GenerationParams(max_tokens=40, sampling=GREEDY)
     out = {}
     for ahead in (False, True):
-        with LLM(folder, kv_cache_memory=2**28, max_model_len=2048, use_lookahead=ahead) as llm:
+        with LLM(
+            folder, kv_cache_memory=2**28, max_model_len=2048, use_lookahead=ahead, dtype="float32"
+        ) as llm:
             out[ahead] = llm.generate([llm.encode_chat(messages)], params)[0].token_ids
             accepted = llm.scheduler.num_draft_accepted
     assert out[True] == out[False]

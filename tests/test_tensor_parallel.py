@@ -78,6 +78,7 @@ def test_tp_greedy_output_equals_one_rank(folder):
         with LLM(
             str(folder),
             tensor_parallel_size=tp,
+            dtype="float32",
             load_tokenizer=False,
             block_size=4,
             kv_cache_memory=2**20,

@@ -135,6 +135,7 @@ def make_worker(
 ):
     from shards.worker import Worker
 
+    kw.setdefault("dtype", "float32")  # compared with transformers in float32
     spec = ShardSpec(
         model_path=str(folder),
         block_size=block_size,

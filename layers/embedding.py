@@ -106,6 +106,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         # A memory mode (fp8, nf4) leaves the head float: a tied head then reads the embedding's
         # table rather than a packed second copy of it (108 MiB on the default model).
         self.memory_mode = quant is not None and quant.saves_memory and not wanted
+        self.cpu_quant = None if quant is None or wanted else quant.cpu_lm_head_mode()
         self.quantized: _HeadMatmul | None = None
         self.normalize_rows = False  # Baichuan2's NormHead: unit-length rows
 
@@ -122,6 +123,8 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def finalize_weights(self) -> None:
         w = self.weight
+        if self.quant is None and self.cpu_quant is not None and w.device.type == "cpu":
+            self.quant = self.cpu_quant
         if self.normalize_rows:
             assert not self.tied, "a normalized head cannot share the embedding's rows"
             w.data = F.normalize(w.data.float(), dim=-1).to(w.dtype)

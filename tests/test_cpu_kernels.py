@@ -90,25 +90,48 @@ def _nf4_layer(k: int, n: int, kernels_on: bool = True):
     return layer
 
 
+def _nf4_in_bytes(x: torch.Tensor, layer) -> torch.Tensor:
+    """What the kernel computes, in torch: levels rounded to steps of 1/127; each token's inputs
+    rounded per group of 64 on the group's absmax / 127 grid, and their rounding errors in
+    128ths of a step; exact integer sums per group, scaled by both groups' steps."""
+    from layers.quant.dequant import NF4_GROUP
+
+    packed = layer.nf4_packed
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(packed.shape[0], -1).long()
+    w = torch.round(layer.nf4_levels * 127)[codes]  # [N, K] integers
+    groups = x.view(x.shape[0], -1, NF4_GROUP)
+    step = groups.abs().amax(dim=2).clamp(min=1e-30) / 127  # [M, G]
+    u = groups * (1 / step)[..., None]
+    hi = torch.round(u)
+    lo = torch.round((u - hi) * 128)
+    wg = w.view(w.shape[0], -1, NF4_GROUP).double()  # [N, G, 64]
+    sums = torch.einsum("mgk,ngk->mng", (128 * hi + lo).double(), wg)  # exact
+    scale = layer.nf4_scale.double() / (127 * 128)  # [N, G]
+    return (sums * scale[None] * step.double()[:, None]).sum(-1).float()
+
+
 @nf4_only
 @pytest.mark.parametrize("rows, k, n", [(1, 64, 3), (2, 576, 960), (8, 2048, 77), (9, 128, 5),
-                                        (64, 1024, 33), (3, 8192, 16)])  # fmt: skip
-def test_nf4_linear_equals_the_dequantized_matmul(rows, k, n):
+                                        (64, 1024, 33), (3, 8192, 16), (130, 192, 7)])  # fmt: skip
+def test_nf4_linear_computes_in_bytes_close_to_the_dequantized_matmul(rows, k, n):
     layer = _nf4_layer(k, n)
     assert layer.nf4_kernel
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-    ref = x @ layer.quant.dequantized(layer).T
     got = layer.quant.apply(layer, x, None)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6 * ref.abs().max().item())
+    # its own arithmetic, written independently: equal but for float summation order
+    mine = _nf4_in_bytes(x, layer)
+    torch.testing.assert_close(got, mine, rtol=1e-4, atol=1e-5 * mine.abs().max().item())
+    # and what rounding the levels (and, far less, the activations) costs against the exact
+    # weights: ~0.6 %
+    ref = x @ layer.quant.dequantized(layer).T
+    assert (got - ref).norm() <= 0.012 * ref.norm()
 
 
 @nf4_only
-def test_nf4_past_its_token_bound_or_without_kernels_takes_the_plain_path():
-    from layers.quant.dequant import NF4_KERNEL_MAX_TOKENS
-
-    assert not _nf4_layer(128, 8, kernels_on=False).nf4_kernel
-    layer = _nf4_layer(128, 8)
-    x = torch.randn(NF4_KERNEL_MAX_TOKENS + 1, 128)
+def test_nf4_without_kernels_takes_the_plain_path():
+    layer = _nf4_layer(128, 8, kernels_on=False)
+    assert not layer.nf4_kernel
+    x = torch.randn(5, 128)
     torch.testing.assert_close(layer.quant.apply(layer, x, None),
                                x @ layer.quant.dequantized(layer).T)  # fmt: skip
 
@@ -121,7 +144,9 @@ def test_a_model_in_nf4_decodes_through_the_kernel_as_through_the_plain_path(tin
     got = our_logits(worker, tokens, 6)
     plain = make_worker(tiny_nf4_folder, quantization="ifq_nf4", fast_kernels=False)
     ref = our_logits(plain, tokens, 6)
-    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    # the kernel's int8 levels and two-pass activations, through every layer: measured 1.7 %
+    assert (got - ref).norm() <= 0.03 * ref.norm()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ weights, `auto`'s choice, and the quality of `ifq` on the embedded model."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -183,7 +184,9 @@ def test_ifq_perplexity_on_the_embedded_model():
     folder = str(ensure_embedded_model())
     ppl = {}
     for mode in ("none", "ifq"):
-        with LLM(folder, quantization=mode, kv_cache_memory=2**28, max_model_len=2048) as llm:
+        with LLM(
+            folder, quantization=mode, kv_cache_memory=2**28, max_model_len=2048, dtype="float32"
+        ) as llm:
             ppl[mode] = perplexity(llm, eval_tokens(llm.tokenizer, 1024))
     # BENCHMARKS.md: +0.1 %; the guard is looser so machine noise in float sums cannot flake it
     assert ppl["ifq"] <= ppl["none"] * 1.02
@@ -254,12 +257,15 @@ def test_nf4_group_that_does_not_divide_is_a_clear_error():
         ColumnParallelLinear(96, 32, quant=get_quant_mode("ifq_nf4"))
 
 
-@pytest.mark.parametrize("mode", ["fp8", "ifq_nf4"])
-def test_dequant_modes_tp2_equal_tp1(tiny_folder, mode):
+# NF4 through the CPU kernel rounds activations to 128ths of a step: a last-bit difference in
+# the sums before it (each rank's partial sums, added in another order) can move one input by
+# such a step, which shows in the logits' fourth digit. Measured: 5e-4 of their largest.
+@pytest.mark.parametrize(("mode", "bound"), [("fp8", 1e-4), ("ifq_nf4", 2e-3)])
+def test_dequant_modes_tp2_equal_tp1(tiny_folder, mode, bound):
     tokens = _tokens(24)
     ref = our_logits(make_worker(tiny_folder, quantization=mode), tokens, 16)
     got = tp_logits(tiny_folder, 2, tokens, 16, quantization=mode)
-    assert (got - ref).abs().max().item() <= 1e-4
+    assert (got - ref).abs().max().item() <= bound * max(1.0, ref.abs().max().item())
 
 
 # Measured on these 1,024 tokens: fp8 +2.2 % (+1.85 % on BENCHMARKS.md's 2,048), ifq_nf4 +25 %
@@ -274,6 +280,51 @@ def test_dequant_modes_perplexity_on_the_embedded_model(mode, bound):
     folder = str(ensure_embedded_model())
     ppl = {}
     for m in ("none", mode):
-        with LLM(folder, quantization=m, kv_cache_memory=2**28, max_model_len=2048) as llm:
+        with LLM(
+            folder, quantization=m, kv_cache_memory=2**28, max_model_len=2048, dtype="float32"
+        ) as llm:
             ppl[m] = perplexity(llm, eval_tokens(llm.tokenizer, 1024))
     assert ppl[mode] <= ppl["none"] * bound
+
+
+# bitsandbytes' NF4 table, written out here rather than imported from layers/quant
+_NF4_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+              -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+              0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+              0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]  # fmt: skip
+
+
+def _nf4_rounded(w: torch.Tensor) -> torch.Tensor:
+    """Absmax NF4 rounding in groups of 64 inputs: each weight to the nearest level."""
+    levels = torch.tensor(_NF4_TABLE, dtype=torch.float64)
+    g = w.double().reshape(w.shape[0], -1, 64)
+    absmax = g.abs().amax(dim=-1, keepdim=True)
+    nearest = (g / absmax).unsqueeze(-1).sub(levels).abs().argmin(dim=-1)
+    return (levels[nearest] * absmax).reshape(w.shape).to(w.dtype)
+
+
+def test_nf4_perplexity_matches_an_independent_nf4_rounding():
+    """The embedded model's weights were rounded to Q4_1 before we got them, so NF4 costs it
+    +25 % whatever the kernel; what ifq_nf4 must match is NF4 rounding itself: every decoder
+    linear rounded here, scored with transformers in float32 on the same tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from launcher.embedded import ensure_embedded_model
+    from launcher.llm import LLM
+    from launcher.quality import eval_tokens, perplexity
+
+    folder = str(ensure_embedded_model())
+    with LLM(folder, quantization="ifq_nf4", kv_cache_memory=2**28, max_model_len=2048,
+             dtype="float32") as llm:  # fmt: skip
+        tokens = eval_tokens(llm.tokenizer, 1024)
+        ours = perplexity(llm, tokens)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            for lin in layer.modules():
+                if isinstance(lin, torch.nn.Linear):
+                    lin.weight.copy_(_nf4_rounded(lin.weight))
+        loss = hf(torch.tensor([tokens]), labels=torch.tensor([tokens])).loss
+    reference = math.exp(loss.item())
+    # measured: +0.5 % (the kernel's int8 levels +0.65 %, the int8 LM head -0.15 %)
+    assert abs(ours / reference - 1) <= 0.01, (ours, reference)

@@ -34,6 +34,11 @@ class QuantMode:
     stored_params: tuple[str, ...] = ("weight",)
     checkpoint_file: str | None = None
 
+    def cpu_lm_head_mode(self) -> QuantMode | None:
+        """For a mode that leaves the LM head alone (`quantize_lm_head` False): the mode a CPU
+        head takes instead, or None to keep it in the compute dtype."""
+        return None
+
     def create_weights(
         self, layer: nn.Module, out_local: int, in_local: int, dtype: torch.dtype, device
     ) -> None:

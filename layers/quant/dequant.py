@@ -2,10 +2,13 @@
 `ifq_nf4` (NF4 codes packed two per byte, one absmax scale per group of 64 inputs). They hold
 1/4 and ~1/7 of float32's bytes. Compiled CPU decode steps of up to 4 rows read the codes inside
 `fused_gemv`'s reduction (e4m3 converted, NF4 looked up per byte), which no float weight is
-built for; on a CPU with AVX-512, steps of up to NF4_KERNEL_MAX_TOKENS tokens, compiled or not,
-look NF4 codes up in registers instead (`shardserve_kernels::nf4_linear`, gemv.cpp: inductor's
-lookup streamed the 1B shape's codes at well under 1 GB/s). Every other matmul (prompts, bigger
-batches) rebuilds the float weight first. The log says which at start-up.
+built for. On a CPU with AVX-512 VNNI every NF4 matmul, decode step or prompt, goes through
+`shardserve_kernels::nf4_linear` (gemv.cpp) instead: levels rounded to int8, activations to
+int8 per group of 64, as llama.cpp multiplies its 4-bit blocks (~0.8 % of a matmul's norm
+against the exact levels; inductor's float lookup streamed the 1B shape's codes at well under
+1 GB/s, and rebuilding the float weight for a prompt cost about a second per step there). On
+CPU the LM head is int8 (`ifq`'s, `cpu_lm_head_mode`). Every other matmul rebuilds the float
+weight first. The log says which at start-up.
 
 On GPUs with fp8 tensor cores (compute capability 8.9+), `fp8` with fast kernels runs the
 large linears with `torch._scaled_mm` on the fp8 weight, each token's activations quantized to
@@ -30,13 +33,11 @@ from layers.quant.base import (
     kernel_isa,
     row_absmax,
 )
+from layers.quant.int8 import Int8WeightOnly
 
 log = logging.getLogger("shardserve.quant")
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-# Tokens up to which the NF4 kernel, reading the codes once for all of them, beats rebuilding
-# the float weight and one GEMM (about a second per step at the 1B shape).
-NF4_KERNEL_MAX_TOKENS = 64
 FP8_MM_MIN_WEIGHTS = 4 * 2**20  # weights per linear from which _scaled_mm beats dequantizing
 NF4_GROUP = 64
 # The 16 NF4 levels: quantiles of a standard normal, scaled to [-1, 1], with an exact zero.
@@ -62,8 +63,8 @@ def _check_groups(layer, out_local: int, in_local: int) -> None:
 
 DEQUANTIZED = "weights are dequantized at every step (memory saved, not time)"
 NF4_KERNEL = (
-    "steps of up to 64 tokens look the codes up in a hand-written kernel; longer prompt "
-    "chunks dequantize per step"
+    "every step multiplies the codes in bytes in a hand-written kernel (levels and activations "
+    "rounded to int8); the LM head is int8"
 )
 COMPILED_CODES = (
     "compiled decode steps of up to 4 rows read the codes in place; prompts and larger "
@@ -193,6 +194,12 @@ def _fp8_scaled_mm(x: torch.Tensor, fp8_weight: torch.Tensor, scale_row: torch.T
 class Nf4WeightOnly(_Announced):
     name = "ifq_nf4"
 
+    def cpu_lm_head_mode(self) -> QuantMode:
+        # On CPU a float32 head is the largest read of a small model's step (113 MB of the
+        # embedded model's ~190): int8 rows, as `ifq` keeps them, cost ~0.1 % perplexity where
+        # NF4 rows cost +25 %, and a tied embedding then looks its rows up in them too.
+        return Int8WeightOnly(self.fast, self.compiled, self.kernels)
+
     def create_weights(self, layer, out_local, in_local, dtype, device) -> None:
         _check_groups(layer, out_local, in_local)
         float_weight(layer, out_local, in_local, dtype, device)
@@ -229,7 +236,7 @@ class Nf4WeightOnly(_Announced):
 
     def apply(self, layer, x, bias):
         flat = x.reshape(-1, x.shape[-1])
-        if layer.nf4_kernel and flat.shape[0] <= NF4_KERNEL_MAX_TOKENS:
+        if layer.nf4_kernel:
             packed, scale, levels = layer.nf4_packed, layer.nf4_scale, layer.nf4_levels
             y = torch.ops.shardserve_kernels.nf4_linear(flat.float(), packed, scale, levels)
             y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])

@@ -11,6 +11,7 @@ import logging
 import platform
 import statistics
 import time
+from typing import NamedTuple
 
 from launcher.cli import write_report
 from launcher.shapes import add_model_args, model_folder
@@ -54,12 +55,23 @@ def _long_prompt(tokenizer, n_tokens: int) -> list[int]:
     return tokenizer.encode(text)[:n_tokens]
 
 
-# What each of our columns runs: (quantization, compiled decode steps, hand-written kernels).
+class Variant(NamedTuple):
+    """What one of our columns runs."""
+
+    quantization: str
+    compiled: bool  # compiled decode steps
+    kernels: bool = True  # the hand-written CPU kernels
+    dtype: str | None = None  # None: the server's default for this CPU and mode
+
+
 VARIANTS = {
-    "eager": ("none", False, True),
-    "compiled": ("none", True, True),
-    "compiled-ifq": ("ifq", True, True),
-    "compiled-ifq-torch": ("ifq", True, False),  # the int8 GEMV through torch's own paths
+    "eager": Variant("none", False, dtype="float32"),
+    "compiled": Variant("none", True, dtype="float32"),
+    "compiled-bf16": Variant("none", True, dtype="bfloat16"),
+    "default": Variant("none", True),  # what `shardserve serve` picks with no flags
+    "compiled-ifq": Variant("ifq", True),
+    "compiled-ifq-torch": Variant("ifq", True, kernels=False),  # torch's own int8 paths
+    "compiled-nf4": Variant("ifq_nf4", True),
 }
 DEFAULT_VARIANTS = ("eager", "compiled", "compiled-ifq")
 
@@ -76,15 +88,16 @@ def _ours(args, variants: list[str], prompts, long_prompt) -> dict[str, dict]:
     cold = GenerationParams(max_tokens=1, sampling=greedy)
     llms = {}
     for v in variants:
-        quantization, compiled, kernels = VARIANTS[v]
+        variant = VARIANTS[v]
         llms[v] = LLM(
             args.model,
             num_threads=args.threads,
             max_model_len=4096,
             kv_cache_memory=512 * 2**20,
-            quantization=quantization,
-            cpu_compile=compiled,
-            cpu_kernels=kernels,
+            quantization=variant.quantization,
+            cpu_compile=variant.compiled,
+            cpu_kernels=variant.kernels,
+            dtype=variant.dtype,
         )
         llms[v].generate([prompts[0]], GenerationParams(max_tokens=4, sampling=greedy))
         llms[v].scheduler.allocator.enable_prefix_caching = False  # measure prefill itself

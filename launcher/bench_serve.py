@@ -1,9 +1,12 @@
 """`shardserve bench-serve`: our server (once per quantization mode asked for) against
 `transformers serve --continuous-batching` on the same model and, given its binary, llama.cpp's
-`llama-server` on the embedded GGUF, one after the other in one run, with the same load from
-`shardserve bench`.
+`llama-server` on a GGUF of the same weights (the embedded model's own Q4_1 file, else the
+checkpoint converted by launcher/llama_cpp.py), one after the other in one run, with the same
+load from `shardserve bench`. `--engine` adds the offline engine on the single-stream load's
+prompts, to show what the server path costs per token.
 
 Needs `pip install 'transformers[serving]'` for that baseline (`make bench-serve` does it).
+Random-weight shapes (`--shape`) make garbage text, so their loads ignore EOS.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import httpx
 
 from clients.bench import BenchConfig, run_bench
 from launcher.cli import write_report
+from launcher.llama_cpp import GGUF_TYPES, ensure_gguf, server_cmd
 from launcher.shapes import add_model_args, model_folder
 
 log = logging.getLogger("shardserve.bench")
@@ -61,7 +65,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _loads(args) -> list[tuple[str, BenchConfig]]:
-    # Greedy, no ignore_eos (the baseline rejects it): both servers generate the same tokens.
+    # Greedy and, on a real model, no ignore_eos (transformers rejects it): every server
+    # generates the same tokens.
+    ignore_eos = bool(args.ignore_eos or args.shape)
     out = []
     for c in args.concurrency:
         n = max(args.min_requests, 2 * c)
@@ -74,7 +80,7 @@ def _loads(args) -> list[tuple[str, BenchConfig]]:
                     max_tokens=args.max_tokens,
                     prompt_tokens=args.prompt_tokens,
                     progress=False,
-                    ignore_eos=False,
+                    ignore_eos=ignore_eos,
                 ),
             )
         )
@@ -88,7 +94,7 @@ def _loads(args) -> list[tuple[str, BenchConfig]]:
                 prompt_tokens=args.long_prompt_tokens,
                 progress=False,
                 seed=1,
-                ignore_eos=False,
+                ignore_eos=ignore_eos,
             ),
         )
     )
@@ -127,12 +133,30 @@ def _transformers_cmd(exe: str, model: str, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _llama_cpp_cmd(server: str, gguf: str, port: int, slots: int, threads: int) -> list[str]:
-    # One slot per concurrent request; the context is shared by the slots.
-    return [
-        server, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
-        "-np", str(slots), "-c", str(slots * 2048), "-t", str(threads), "--no-webui",
-    ]  # fmt: skip
+def engine_single_stream(model: str, mode: str, loads) -> dict:
+    """The offline engine on the single-stream load's chats, one after another, as the server
+    ran them: output tok/s over the whole run (prefill included)."""
+    from clients.workload import build_prompts
+    from launcher.llm import LLM
+    from router.params import GenerationParams
+    from shards.wire import SamplingParams
+
+    cfg = next(c for name, c in loads if name == "concurrency 1")
+    texts = build_prompts(cfg.requests, cfg.prompt_tokens, cfg.rag_document_tokens, cfg.seed)
+    params = GenerationParams(
+        max_tokens=cfg.max_tokens,
+        sampling=SamplingParams(temperature=0.0),
+        ignore_eos=cfg.ignore_eos,
+    )
+    with LLM(model, quantization=mode) as llm:
+        chats = [llm.encode_chat([{"role": "user", "content": t}]) for t in texts]
+        llm.generate(chats[:1], params)  # warm, as the server is by its first request
+        start = time.perf_counter()
+        done = [llm.generate([chat], params)[0] for chat in chats]
+        elapsed = time.perf_counter() - start
+    tokens = sum(len(c.token_ids) for c in done)
+    log.info("offline engine, %s: %d tokens in %.1f s", mode, tokens, elapsed)
+    return {"output_tokens": tokens, "output_tokens_per_s": tokens / elapsed}
 
 
 def _serve_and_load(name: str, cmd: list[str], port: int, loads, report: dict) -> None:
@@ -171,14 +195,31 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also measure llama.cpp's llama-server binary (built by you) on --gguf",
     )
-    p.add_argument("--gguf", default=None, help="GGUF for llama-server (default: the embedded one)")
+    p.add_argument(
+        "--gguf",
+        default=None,
+        help="GGUF for llama-server (default: the embedded model's own Q4_1 file, else the "
+        "model converted to --gguf-type)",
+    )
+    p.add_argument(
+        "--gguf-type",
+        default=None,
+        choices=GGUF_TYPES,
+        help="the GGUF to convert the model to (default: q8_0; the embedded model: its own q4_1)",
+    )
+    p.add_argument("--ignore-eos", action="store_true", help="exact output lengths (--shape: on)")
+    p.add_argument(
+        "--engine",
+        action="store_true",
+        help="also time the offline engine, per quantization mode, on the single-stream prompts",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from launcher.embedded import gguf_path
-
     model = model_folder(args)
+    embedded = not (args.model or args.shape)
     report: dict = {"model": model, "cpus": len(os.sched_getaffinity(0)), "servers": {}}
     report["steps"] = {}
+    report["engine"] = {}
     loads = _loads(args)
     exe = None if args.skip_transformers else _transformers_exe()  # before any long run
     for mode in args.quantization:
@@ -187,13 +228,16 @@ def main(argv: list[str] | None = None) -> int:
             name = f"ours {mode}" + ("" if scheduler == "continuous" else f" {scheduler}")
             cmd = _ours_cmd(model, port, mode, scheduler)
             _serve_and_load(name, cmd, port, loads, report)
+        if args.engine:
+            report["engine"][f"ours {mode}"] = engine_single_stream(model, mode, loads)
     if not args.skip_transformers:
         port = _free_port()
         _serve_and_load("transformers", _transformers_cmd(exe, model, port), port, loads, report)
     if args.llama_server:
         port = _free_port()
-        gguf = args.gguf or str(gguf_path())
-        cmd = _llama_cpp_cmd(args.llama_server, gguf, port, max(args.concurrency), report["cpus"])
+        gguf = args.gguf or _gguf_for(model, embedded, args)
+        report["gguf"] = gguf
+        cmd = server_cmd(args.llama_server, gguf, port, max(args.concurrency), report["cpus"])
         _serve_and_load("llama.cpp", cmd, port, loads, report)
     write_report(_table(report), report, args.json)
     failed = sum(
@@ -203,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         for r in results.values()
     )
     return 1 if failed else 0
+
+
+def _gguf_for(model: str, embedded: bool, args) -> str:
+    if embedded and args.gguf_type in (None, "q4_1"):  # the file it was converted from
+        from launcher.embedded import gguf_path
+
+        return str(gguf_path())
+    return str(ensure_gguf(model, args.gguf_type or "q8_0", args.llama_server))
 
 
 def _table(r: dict) -> str:
@@ -227,6 +279,13 @@ def _table(r: dict) -> str:
             itl = res["itl_ms"]["p50"] or float("nan")
             cells.append(f"{n} {ttft:.0f}/{itl:.0f}/{res['requests']['failed']}")
         lines.append(f"  {load:26s} " + "; ".join(cells))
+    for n, e in r["engine"].items():
+        served = servers[n]["concurrency 1"]["output_tokens_per_s"]
+        lines.append(
+            f"{n} single stream: server {served:.1f} tok/s, offline engine "
+            f"{e['output_tokens_per_s']:.1f} tok/s on the same prompts: "
+            f"server/engine {served / e['output_tokens_per_s']:.2f}x"
+        )
     for n, s in r["steps"].items():
         lines.append(
             f"{n} per step: forward {s['forward_ms']:.1f} ms, router "

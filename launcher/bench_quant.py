@@ -1,5 +1,6 @@
 """`shardserve bench-quant`: every built quantization mode on one model, in one run: weight
-memory, perplexity on the fixed evaluation text, single-stream and 16-prompt decode tok/s."""
+memory, perplexity on the fixed evaluation text, single-stream and 16-prompt decode tok/s.
+A mode may name its compute dtype, `none:float32` (default: the server's for this CPU)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ log = logging.getLogger("shardserve.bench")
 MODES = ("none", "ifq", "smoothquant", "fp8", "ifq_nf4")
 
 
-def _measure(model: str, mode: str, args) -> dict:
+def _measure(model: str, spec: str, args) -> dict:
     from launcher.llm import LLM
     from launcher.quality import eval_tokens, perplexity
     from router.params import GenerationParams
@@ -24,7 +25,10 @@ def _measure(model: str, mode: str, args) -> dict:
 
     greedy = SamplingParams(temperature=0.0)
     params = GenerationParams(max_tokens=args.max_tokens, sampling=greedy, ignore_eos=True)
-    with LLM(model, quantization=mode, kv_cache_memory=2**29, max_model_len=4096) as llm:
+    mode, _, dtype = spec.partition(":")
+    with LLM(
+        model, quantization=mode, dtype=dtype or None, kv_cache_memory=2**29, max_model_len=4096
+    ) as llm:
         tokens = eval_tokens(llm.tokenizer, args.eval_tokens)
         ppl = perplexity(llm, tokens)
         prompts = [llm.encode_chat([{"role": "user", "content": f"Tell me about topic {i}."}])
@@ -42,7 +46,7 @@ def _measure(model: str, mode: str, args) -> dict:
             "single_tok_s": single,
             "batch_tok_s": batch,
         }
-    log.info("%s: %s", mode, out)
+    log.info("%s: %s", spec, out)
     return out
 
 
@@ -56,24 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     model = model_folder(args)
-    modes = args.modes.split(",")
-    folders = dict.fromkeys(modes, model)
+    specs = args.modes.split(",")
+    folders = {m: model for m in specs}
     with tempfile.TemporaryDirectory() as tmp:
-        if "smoothquant" in modes:  # calibrated beside, so the model folder stays as it was
-            from launcher.quantize import quantize
+        if any(m.partition(":")[0] == "smoothquant" for m in specs):  # calibrated beside, so
+            from launcher.quantize import quantize  # the model folder stays as it was
 
-            folders["smoothquant"] = str(quantize(model, tmp).parent)
-        report = {m: _measure(folders[m], m, args) for m in modes}
-    base = report.get("none")
+            calibrated = str(quantize(model, tmp).parent)
+            folders.update({m: calibrated for m in specs if m.startswith("smoothquant")})
+        report = {m: _measure(folders[m], m, args) for m in specs}
+    base = next((r for m, r in report.items() if m.partition(":")[0] == "none"), None)
     batch_col = f"{args.batch} prompts tok/s"
     lines = [
-        f"{'mode':11s} {'weights MiB':>12s} {'perplexity':>11s} {'vs none':>8s} "
+        f"{'mode':16s} {'weights MiB':>12s} {'perplexity':>11s} {'vs none':>8s} "
         f"{'single tok/s':>13s} {'vs none':>8s} {batch_col:>18s} {'vs none':>8s}"
     ]
     for mode, r in report.items():
         rel = {k: r[k] / base[k] if base else float("nan") for k in r}
         lines.append(
-            f"{mode:11s} {r['weight_mib']:12.1f} {r['perplexity']:11.4f} "
+            f"{mode:16s} {r['weight_mib']:12.1f} {r['perplexity']:11.4f} "
             f"{(rel['perplexity'] - 1) * 100:+7.2f}% {r['single_tok_s']:13.1f} "
             f"{rel['single_tok_s']:7.2f}x {r['batch_tok_s']:18.1f} {rel['batch_tok_s']:7.2f}x"
         )

@@ -143,15 +143,16 @@ def test_bench_soak(model, tmp_path):
 
 def test_bench_quant(model, tmp_path):
     path = tmp_path / "quant.json"
-    shardserve("bench-quant", "--model", model, "--modes", "none,ifq,smoothquant",
+    shardserve("bench-quant", "--model", model, "--modes", "none:float32,ifq,smoothquant",
                "--max-tokens", "8", "--batch", "2", "--eval-tokens", "256",
                "--json", str(path))  # fmt: skip
     report = json.loads(path.read_text())
-    assert set(report) == {"none", "ifq", "smoothquant"}
+    assert set(report) == {"none:float32", "ifq", "smoothquant"}
+    base = report["none:float32"]
     for mode, r in report.items():
         assert math.isfinite(r["perplexity"]) and r["single_tok_s"] > 0, mode
-        assert abs(r["perplexity"] / report["none"]["perplexity"] - 1) < 0.01, mode
-    assert report["ifq"]["weight_mib"] < report["none"]["weight_mib"]
+        assert abs(r["perplexity"] / base["perplexity"] - 1) < 0.01, mode
+    assert report["ifq"]["weight_mib"] < base["weight_mib"]
 
 
 def test_bench_lookahead(model, tmp_path):

@@ -77,9 +77,12 @@ PADDED_CASES = [
     *[("ifq", False, n, 1e-5) for n in (1, 3, 7, 16)],
     ("ifq", True, 7, 5e-4),
     ("ifq", True, 16, 5e-4),
-    # the memory modes: their codes decoded inside the fused reduction (up to 4 rows) or
-    # dequantized inside the graph (more), against their eager dequantize-then-matmul
-    *[(mode, True, n, 1e-5) for mode in ("fp8", "ifq_nf4") for n in (1, 3, 16)],
+    # fp8: its codes decoded inside the fused reduction (up to 4 rows) or dequantized inside the
+    # graph (more), against its eager dequantize-then-matmul
+    *[("fp8", True, n, 1e-5) for n in (1, 3, 16)],
+    # ifq_nf4 on an AVX-512 VNNI CPU: the NF4 kernel both ways, whose activation rounding (128ths
+    # of a step) turns input differences of 1e-7 into logit steps of ~1e-4, as ifq's two passes
+    *[("ifq_nf4", True, n, 5e-4) for n in (1, 3, 16)],
 ]
 
 
@@ -107,28 +110,29 @@ def test_int8_compiled_matches_the_dequantize_oracle(llama_folder):
     _assert_same_logits(compiled, oracle, seed=5)
 
 
-def _assert_same_logits(compiled, eager, seed: int) -> None:
+def _assert_same_logits(compiled, eager, seed: int, atol: float = 1e-5) -> None:
     """A prompt, then decoding: the compiled worker's logits against the eager one's."""
     _compiled(compiled)
     tokens = _tokens(30, eager.cfg.vocab_size, seed=seed)
     torch.testing.assert_close(
         our_logits(compiled, tokens, prompt_len=12),
         our_logits(eager, tokens, prompt_len=12),
-        atol=1e-5,
+        atol=atol,
         rtol=0,
     )
 
 
-@pytest.mark.parametrize("mode", ["fp8", "ifq_nf4"])
+@pytest.mark.parametrize(("mode", "atol"), [("fp8", 1e-5), ("ifq_nf4", 5e-4)])  # as above
 @torch.inference_mode()
-def test_memory_modes_compiled_with_a_tied_head_match_their_eager_path(tmp_path, mode):
+def test_memory_modes_compiled_with_a_tied_head_match_their_eager_path(tmp_path, mode, atol):
     """fp8 and nf4 leave a tied head float, read from the embedding's table (no packed copy):
     compiled steps stream it through the fused reduction."""
     folder = save_checkpoint(
         build_hf_model(tiny_config("llama", tie_word_embeddings=True)), tmp_path
     )
     eager = make_worker(folder, quantization=mode)
-    _assert_same_logits(make_worker(folder, quantization=mode, cpu_compile=True), eager, seed=9)
+    compiled = make_worker(folder, quantization=mode, cpu_compile=True)
+    _assert_same_logits(compiled, eager, seed=9, atol=atol)
 
 
 def _tree_batch(worker, trees: list[list[int] | None], seed: int) -> list[ScheduledSeq]:

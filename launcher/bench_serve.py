@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.engine and 1 not in args.concurrency:
+        p.error("--engine compares with the single-stream load: include 1 in --concurrency")
     model = model_folder(args)
     embedded = not (args.model or args.shape)
     report: dict = {"model": model, "cpus": len(os.sched_getaffinity(0)), "servers": {}}

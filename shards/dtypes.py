@@ -25,9 +25,10 @@ def cpu_has_bf16_dot() -> bool:
 
 def cpu_default_dtype(quantization: str) -> tuple[torch.dtype, str]:
     """The CPU default and why. Unquantized weights are read once per token, so halving their
-    bytes with bfloat16 speeds every step where the CPU multiplies bfloat16 natively (measured:
-    1.3x single stream, 1.4x prefill on the embedded model, BENCHMARKS.md). Quantized modes keep
-    float32 activations: their int8 and NF4 kernels take float32 inputs."""
+    bytes with bfloat16 speeds every step where the CPU multiplies bfloat16 natively (measured
+    on the embedded model, two runs: 1.09x and 1.30x single stream, 1.39x prefill,
+    BENCHMARKS.md). Quantized modes keep float32 activations: their int8 and NF4 kernels take
+    float32 inputs."""
     if quantization not in ("none", None):
         return torch.float32, f"quantization {quantization} computes with float32 activations"
     if cpu_has_bf16_dot():

@@ -5,10 +5,10 @@
 built for. On a CPU with AVX-512 VNNI every NF4 matmul, decode step or prompt, goes through
 `shardserve_kernels::nf4_linear` (gemv.cpp) instead: levels rounded to int8, activations to
 int8 twice over per group of 64, as llama.cpp multiplies its 4-bit blocks (~0.6 % of a
-matmul's norm against the exact levels; inductor's float lookup streamed the 1B shape's codes at well under
-1 GB/s, and rebuilding the float weight for a prompt cost about a second per step there). On
-CPU the LM head is int8 (`ifq`'s, `cpu_lm_head_mode`). Every other matmul rebuilds the float
-weight first. The log says which at start-up.
+matmul's norm against the exact levels; inductor's float lookup streamed the 1B shape's codes
+at well under 1 GB/s, and rebuilding the float weight for a prompt cost about a second per
+step there). On CPU the LM head is int8 (`ifq`'s, `cpu_lm_head_mode`). Every other matmul
+rebuilds the float weight first. The log says which at start-up.
 
 On GPUs with fp8 tensor cores (compute capability 8.9+), `fp8` with fast kernels runs the
 large linears with `torch._scaled_mm` on the fp8 weight, each token's activations quantized to

@@ -131,6 +131,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.quant is not None:
             self.quantized = _HeadMatmul(w.data, self.pctx, self.quant)
             self.quant.finalize(self.quantized)
+            # Logits stay float32: a bfloat16 GEMM would round them to 8 bits (near-ties of a
+            # greedy pick then differ between a prompt and a decode step).
+            self.quantized.expand_gemm = False
             q = getattr(self.quantized, "qweight", None)
             if self.tied and q is not None and q.dtype == torch.int8:
                 # int8 rows with one scale each serve lookups as well (llama.cpp quantizes its

@@ -5,6 +5,8 @@ nothing is registered and the layers keep their plain-torch paths.
 
     layers/quant/gemv.cpp   shardserve_kernels::int8_linear and nf4_linear, the GEMVs of
                             few-token steps over int8 and NF4 weights
+    layers/quant/expand.cpp shardserve_kernels::int8_expand and nf4_expand, quantized rows
+                            to bfloat16 for the GEMMs of many tokens
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import layers.quant
 
 log = logging.getLogger("shardserve.kernels")
 
-SOURCE = Path(layers.quant.__file__).with_name("gemv.cpp")
+SOURCES = tuple(Path(layers.quant.__file__).with_name(n) for n in ("gemv.cpp", "expand.cpp"))
 ISA_NAMES = {1: "AVX2", 2: "AVX-512 VNNI"}
 ISA_KERNELS = {1: "int8", 2: "int8 and NF4"}
 _FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
@@ -44,33 +46,34 @@ def _compiler() -> str | None:
     return shutil.which(name)
 
 
-def _command(compiler: str, source: Path, out: Path) -> list[str]:
+def _command(compiler: str, sources: tuple[Path, ...], out: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     lib = library_paths()[0]
     return [
         compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-        *(f"-I{p}" for p in include_paths()), str(source), "-o", str(out),
+        *(f"-I{p}" for p in include_paths()), *map(str, sources), "-o", str(out),
         f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}",
     ]  # fmt: skip
 
 
-def _cache_path(compiler: str, source: Path) -> Path:
+def _cache_path(compiler: str, sources: tuple[Path, ...]) -> Path:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     key = hashlib.sha256()
-    for part in (source.read_bytes(), torch.__version__.encode(), compiler.encode(), *_FLAGS):
+    texts = [source.read_bytes() for source in sources]
+    for part in (*texts, torch.__version__.encode(), compiler.encode(), *_FLAGS):
         key.update(part if isinstance(part, bytes) else part.encode())
-    return Path(cache_dir()) / "shardserve" / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    return Path(cache_dir()) / "shardserve" / f"kernels-{key.hexdigest()[:16]}.so"
 
 
-def build(source: Path = SOURCE, compiler: str | None = None) -> Path:
-    """The shared library of `source`, compiled now unless the cache has it."""
+def build(sources: tuple[Path, ...] = SOURCES, compiler: str | None = None) -> Path:
+    """The shared library of `sources`, compiled now unless the cache has it."""
     compiler = compiler or _compiler()
     if compiler is None:
         raise KernelBuildError("no C++ compiler found")
-    path = _cache_path(compiler, source)
+    path = _cache_path(compiler, sources)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +83,7 @@ def build(source: Path = SOURCE, compiler: str | None = None) -> Path:
     os.close(fd)
     try:
         try:
-            command = _command(compiler, source, Path(tmp))
+            command = _command(compiler, sources, Path(tmp))
             done = subprocess.run(command, capture_output=True, text=True)
         except OSError as e:
             raise KernelBuildError(f"cannot run {compiler}: {e}") from e
@@ -90,7 +93,8 @@ def build(source: Path = SOURCE, compiler: str | None = None) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    log.info("built %s in %.1fs (%s)", source.name, time.monotonic() - started, path)
+    names = ", ".join(source.name for source in sources)
+    log.info("built %s in %.1fs (%s)", names, time.monotonic() - started, path)
     return path
 
 
@@ -127,5 +131,8 @@ def load(compiler: str | None = None) -> bool:
         return x.new_empty(x.shape[0], packed.shape[0])
 
     _loaded = path
-    log.info("CPU kernels: %s GEMVs, %s", ISA_KERNELS[isa], ISA_NAMES[isa])
+    from layers.quant.expand import expand_available
+
+    expand = ", bfloat16 GEMMs on expanded tiles past 32 tokens" if expand_available() else ""
+    log.info("CPU kernels: %s GEMVs%s, %s", ISA_KERNELS[isa], expand, ISA_NAMES[isa])
     return True

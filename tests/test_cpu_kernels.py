@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from layers.quant import int8
+from layers.quant.expand import EXPAND_MIN_TOKENS
 from layers.quant.registry import get_quant_mode
 from shards import kernels
 from tests.tiny import build_hf_model, make_worker, our_logits, save_checkpoint, tiny_config
@@ -117,7 +118,10 @@ def test_nf4_linear_computes_in_bytes_close_to_the_dequantized_matmul(rows, k, n
     layer = _nf4_layer(k, n)
     assert layer.nf4_kernel
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-    got = layer.quant.apply(layer, x, None)
+    packed, scale, levels = layer.nf4_packed, layer.nf4_scale, layer.nf4_levels
+    got = torch.ops.shardserve_kernels.nf4_linear(x, packed, scale, levels)
+    if rows < EXPAND_MIN_TOKENS:  # what the layer runs (more: tests/test_expand.py)
+        assert torch.equal(layer.quant.apply(layer, x, None), got)
     # its own arithmetic, written independently: equal but for float summation order
     mine = _nf4_in_bytes(x, layer)
     torch.testing.assert_close(got, mine, rtol=1e-4, atol=1e-5 * mine.abs().max().item())

@@ -2,13 +2,15 @@
 `ifq_nf4` (NF4 codes packed two per byte, one absmax scale per group of 64 inputs). They hold
 1/4 and ~1/7 of float32's bytes. Compiled CPU decode steps of up to 4 rows read the codes inside
 `fused_gemv`'s reduction (e4m3 converted, NF4 looked up per byte), which no float weight is
-built for. On a CPU with AVX-512 VNNI every NF4 matmul, decode step or prompt, goes through
+built for. On a CPU with AVX-512 VNNI every NF4 matmul of up to 32 tokens goes through
 `shardserve_kernels::nf4_linear` (gemv.cpp) instead: levels rounded to int8, activations to
 int8 twice over per group of 64, as llama.cpp multiplies its 4-bit blocks (~0.6 % of a
 matmul's norm against the exact levels; inductor's float lookup streamed the 1B shape's codes
-at well under 1 GB/s, and rebuilding the float weight for a prompt cost about a second per
-step there). On CPU the LM head is int8 (`ifq`'s, `cpu_lm_head_mode`). Every other matmul
-rebuilds the float weight first. The log says which at start-up.
+at well under 1 GB/s). More tokens (prompts), where the CPU has bfloat16 dot products, expand
+the codes to bfloat16 tile by tile for oneDNN's GEMM (expand.py): ~3.4x the kernel's speed at
+512 tokens, which multiplies codes 8 tokens at a time. On CPU the LM head is int8 (`ifq`'s,
+`cpu_lm_head_mode`). Every other matmul rebuilds the float weight first. The log says which
+at start-up.
 
 On GPUs with fp8 tensor cores (compute capability 8.9+), `fp8` with fast kernels runs the
 large linears with `torch._scaled_mm` on the fp8 weight, each token's activations quantized to
@@ -33,6 +35,7 @@ from layers.quant.base import (
     kernel_isa,
     row_absmax,
 )
+from layers.quant.expand import expand_available, expands, nf4_matmul
 from layers.quant.int8 import Int8WeightOnly
 
 log = logging.getLogger("shardserve.quant")
@@ -65,6 +68,11 @@ DEQUANTIZED = "weights are dequantized at every step (memory saved, not time)"
 NF4_KERNEL = (
     "every step multiplies the codes in bytes in a hand-written kernel (levels and activations "
     "rounded to int8); the LM head is int8"
+)
+NF4_KERNEL_EXPAND = (
+    "steps of up to 32 tokens multiply the codes in bytes in a hand-written kernel (levels and "
+    "activations rounded to int8), more tokens expand them to bfloat16 tile by tile for "
+    "oneDNN's GEMM; the LM head is int8"
 )
 COMPILED_CODES = (
     "compiled decode steps of up to 4 rows read the codes in place; prompts and larger "
@@ -217,8 +225,11 @@ class Nf4WeightOnly(_Announced):
         layer.nf4_scale = scale
         layer.nf4_levels = levels
         layer.nf4_kernel = self.kernels and w.device.type == "cpu" and kernel_isa() >= 2
+        layer.expand_gemm = layer.nf4_kernel and expand_available()
         drop_float_weight(layer)
-        how = NF4_KERNEL if layer.nf4_kernel else self._plain_how(w.device)
+        how = self._plain_how(w.device)
+        if layer.nf4_kernel:
+            how = NF4_KERNEL_EXPAND if layer.expand_gemm else NF4_KERNEL
         self._announce(w.device, how)
 
     def dequantized(self, layer) -> torch.Tensor:
@@ -238,7 +249,10 @@ class Nf4WeightOnly(_Announced):
         flat = x.reshape(-1, x.shape[-1])
         if layer.nf4_kernel:
             packed, scale, levels = layer.nf4_packed, layer.nf4_scale, layer.nf4_levels
-            y = torch.ops.shardserve_kernels.nf4_linear(flat.float(), packed, scale, levels)
+            if expands(layer, flat):
+                y = nf4_matmul(flat, packed, scale, levels)
+            else:
+                y = torch.ops.shardserve_kernels.nf4_linear(flat.float(), packed, scale, levels)
             y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
         elif fused_gemv_fits(x):
             y = fused_gemv(x, self.dequantized(layer).to(x.dtype))

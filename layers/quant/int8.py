@@ -11,6 +11,8 @@ hand-written GEMV `shardserve_kernels::int8_linear` (gemv.cpp, built by shards/k
 through torch's int8 GEMM (`torch._int_mm`, oneDNN), the two bit-identical; the rounding and
 recombination compiled around them where decode steps compile. Where the kernel is not built
 (no C++ compiler), compiled steps of up to 4 rows multiply float activations with `fused_gemv`.
+Eager matmuls of 33 tokens or more (prompt chunks, large batches), on a CPU with bfloat16 dot
+products, expand the int8 rows to bfloat16 tile by tile for oneDNN's GEMM instead (expand.py).
 
 On CUDA, fast or not, the int8 weight is cast to the compute dtype for cuBLAS: torch's CUDA
 `_weight_int8pack_mm` measured 2-10x slower than that on an H100 at every decode shape
@@ -33,6 +35,7 @@ from layers.quant.base import (
     kernel_isa,
     row_absmax,
 )
+from layers.quant.expand import expand_available, expands, int8_matmul
 
 log = logging.getLogger("shardserve.quant")
 
@@ -188,6 +191,7 @@ class Int8WeightOnly(QuantMode):
             and int8_matmul_available()
         )
         layer.int8_kernel = uses_int8_kernel(self, layer)
+        layer.expand_gemm = layer.int8_gemm and self.kernels and expand_available()
         drop_float_weight(layer)
 
     def dequantized(self, layer) -> torch.Tensor:
@@ -199,7 +203,11 @@ class Int8WeightOnly(QuantMode):
         return out_features * layer.in_local + out_features * 4
 
     def apply(self, layer, x, bias):
-        if fused_gemv_fits(x) and not layer.int8_kernel:
+        if expands(layer, x):
+            flat = x.reshape(-1, x.shape[-1])
+            y = int8_matmul(flat, layer.qweight, layer.weight_scale)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+        elif fused_gemv_fits(x) and not layer.int8_kernel:
             y = fused_gemv(x, layer.qweight.to(x.dtype)) * layer.weight_scale
         elif layer.int8_gemm:
             qweight, scale = layer.qweight, layer.weight_scale

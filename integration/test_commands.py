@@ -186,6 +186,13 @@ def test_bench_kernels(tmp_path):
         assert {"float32", "bfloat16", "int8 fused", "int8 onednn"} <= set(paths), name
         assert all(v > 0 for v in paths.values()), (name, paths)
     assert "GB/s of weight bytes" in out
+    # a prompt chunk's rows: arithmetic rates, without the paths that take a few rows only
+    out = shardserve("bench-kernels", "--shapes", "smollm2-135m", "--total-mib", "8", "--rows",
+                     "40", "--json", str(path))  # fmt: skip
+    rows = json.loads(path.read_text())["shapes"]["smollm2-135m"]
+    assert "int8 fused" not in rows["qkv"] and "int8 kernel" not in rows["qkv"]
+    assert rows["qkv"]["int8 onednn"] > 0
+    assert "GFLOP/s" in out
 
 
 def test_bench_gpu(tmp_path):

@@ -1,11 +1,15 @@
-"""`shardserve bench-kernels`: how fast each path a decode step can take streams its weights,
-per linear shape of a model, in one run: GB/s of weight bytes for one token (or `--rows`).
+"""`shardserve bench-kernels`: how fast each path a step can take runs a linear, per linear
+shape of a model, in one run: for a decode step's few tokens (`--rows` up to 8) GB/s of weight
+bytes, for more (prompt chunks, large batches) GFLOP/s.
 
     float32     oneDNN's packed linear, as `none` serves float32 on CPU
     bfloat16    F.linear on bfloat16 weights
     int8 fused  the compiled multiply-and-sum over int8 weights (`fused_gemv`, float activations)
     int8 onednn the two-pass int8 rounding through torch._int_mm (oneDNN's int8 GEMM)
     int8 kernel the hand-written GEMV, `shardserve_kernels::int8_linear` (shards/kernels.py)
+    nf4 kernel  the hand-written NF4 GEMV in bytes, `shardserve_kernels::nf4_linear`
+    int8 expand, nf4 expand
+                rows expanded to bfloat16 tile by tile for oneDNN's GEMM (layers/quant/expand.py)
 
 Each path runs over enough distinct weights of a shape (`--total-mib`) that they come from
 memory, not from cache, as a real step's do; the best of a few passes counts.
@@ -37,12 +41,31 @@ def linear_shapes(shape: str) -> dict[str, tuple[int, int]]:
     }
 
 
-def _paths(kernel: bool) -> dict:
+# The most rows each path takes: the fused reduction's accumulators spill past 4, the int8
+# GEMV takes 16 (gemv.cpp kMaxRows).
+MAX_ROWS = {"int8 fused": 4, "int8 kernel": 16}
+GEMV_ROWS = 8  # up to here the table gives GB/s of weight bytes, past it GFLOP/s
+
+
+def _nf4(w):
+    import torch
+
+    from layers.quant.dequant import NF4_GROUP, NF4_LEVELS
+
+    groups = w.view(w.shape[0], -1, NF4_GROUP)
+    scale = groups.abs().amax(dim=2).clamp(min=1e-12)
+    mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+    codes = torch.bucketize(groups / scale[..., None], mids).to(torch.uint8).view(w.shape)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4), scale, NF4_LEVELS
+
+
+def _paths(kernel: bool, rows: int) -> dict:
     """name -> (prepare a float weight, run one input), with weight bytes per element."""
     import torch
     import torch.nn.functional as F
 
-    from layers.quant.base import ONEDNN_BATCH_HINT, fused_gemv, onednn_linear
+    from layers.quant import expand
+    from layers.quant.base import ONEDNN_BATCH_HINT, fused_gemv, kernel_isa, onednn_linear
     from layers.quant.int8 import _two_pass, quantize_rows
 
     def int8(w):
@@ -59,10 +82,15 @@ def _paths(kernel: bool) -> dict:
         "int8 fused": (int8, lambda x, p: fused(x, *p), 1),
         "int8 onednn": (int8, lambda x, p: _two_pass(x, *p), 1),
     }
+    ops = torch.ops.shardserve_kernels
     if kernel:
-        op = torch.ops.shardserve_kernels.int8_linear
-        paths["int8 kernel"] = (int8, lambda x, p: op(x, *p), 1)
-    return paths
+        paths["int8 kernel"] = (int8, lambda x, p: ops.int8_linear(x, *p), 1)
+    if kernel and kernel_isa() >= 2:
+        paths["nf4 kernel"] = (_nf4, lambda x, p: ops.nf4_linear(x, *p), 0.5)
+    if kernel and expand.expand_available():
+        paths["int8 expand"] = (int8, lambda x, p: expand.int8_matmul(x, *p), 1)
+        paths["nf4 expand"] = (_nf4, lambda x, p: expand.nf4_matmul(x, *p), 0.5)
+    return {name: path for name, path in paths.items() if rows <= MAX_ROWS.get(name, rows)}
 
 
 def measure(shape: str, rows: int, total_bytes: int, passes: int = 3) -> dict[str, dict]:
@@ -74,11 +102,11 @@ def measure(shape: str, rows: int, total_bytes: int, passes: int = 3) -> dict[st
     out: dict[str, dict] = {}
     for name, (n, k) in linear_shapes(shape).items():
         torch._dynamo.reset()  # one compiled `int8 fused` per shape, never over dynamo's limit
-        paths = _paths(kernel)
+        paths = _paths(kernel, rows)
         x = torch.randn(rows, k)
         out[name] = {"shape": [n, k]}
         for path, (prepare, run, itemsize) in paths.items():
-            count = max(2, total_bytes // (n * k * itemsize))
+            count = max(2, int(total_bytes // (n * k * itemsize)))
             weights = [prepare(torch.randn(n, k) * 0.02) for _ in range(count)]
             with torch.inference_mode():
                 run(x, weights[0])  # compiles, packs, warms
@@ -88,7 +116,8 @@ def measure(shape: str, rows: int, total_bytes: int, passes: int = 3) -> dict[st
                     for w in weights:
                         run(x, w)
                     best = min(best, (time.perf_counter() - started) / count)
-            out[name][path] = n * k * itemsize / best / 1e9
+            work = n * k * itemsize if rows <= GEMV_ROWS else 2 * n * k * rows
+            out[name][path] = work / best / 1e9
             del weights
         log.info(
             "%s %s: %s", shape, name, {p: round(v, 1) for p, v in out[name].items() if p != "shape"}
@@ -100,7 +129,8 @@ def _table(report: dict) -> str:
     lines = []
     for shape, rows in report["shapes"].items():
         paths = [p for p in next(iter(rows.values())) if p != "shape"]
-        lines.append(f"{shape}, {report['rows']} row(s): GB/s of weight bytes")
+        unit = "GB/s of weight bytes" if report["rows"] <= GEMV_ROWS else "GFLOP/s"
+        lines.append(f"{shape}, {report['rows']} row(s): {unit}")
         lines.append(f"{'linear':10s} {'out x in':>13s}" + "".join(f" {p:>12s}" for p in paths))
         for name, r in rows.items():
             n, k = r["shape"]
@@ -114,15 +144,15 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--shapes", default="smollm2-135m,llama-1b",
                    help=f"comma-separated, of {', '.join(SHAPES)}")  # fmt: skip
-    p.add_argument("--rows", type=int, default=1, help="tokens per call (at most 8)")
+    p.add_argument("--rows", type=int, default=1, help="tokens per call (1 to 4096)")
     p.add_argument("--total-mib", type=int, default=512, help="weight bytes per shape and path")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = sorted(set(shapes) - set(SHAPES))
-    if unknown or not 1 <= args.rows <= 8:
-        p.error(f"unknown shapes {unknown}" if unknown else "--rows: 1 to 8")
+    if unknown or not 1 <= args.rows <= 4096:
+        p.error(f"unknown shapes {unknown}" if unknown else "--rows: 1 to 4096")
     import torch
 
     if args.threads:

@@ -7,6 +7,9 @@ nothing is registered and the layers keep their plain-torch paths.
                             few-token steps over int8 and NF4 weights
     layers/quant/expand.cpp shardserve_kernels::int8_expand and nf4_expand, quantized rows
                             to bfloat16 for the GEMMs of many tokens
+    layers/attention/paged_decode.cpp
+                            shardserve_kernels::paged_decode, decode attention over the
+                            paged KV cache in place
 """
 
 from __future__ import annotations
@@ -22,11 +25,17 @@ from pathlib import Path
 
 import torch
 
-import layers.quant
+import layers
 
 log = logging.getLogger("shardserve.kernels")
 
-SOURCES = tuple(Path(layers.quant.__file__).with_name(n) for n in ("gemv.cpp", "expand.cpp"))
+_LAYERS = Path(layers.__file__).parent
+SOURCES = (
+    _LAYERS / "quant" / "gemv.cpp",
+    _LAYERS / "quant" / "expand.cpp",
+    _LAYERS / "attention" / "paged_decode.cpp",
+)
+HEADERS = (_LAYERS / "bf16.h",)  # part of the cache key, not of the command
 ISA_NAMES = {1: "AVX2", 2: "AVX-512 VNNI"}
 ISA_KERNELS = {1: "int8", 2: "int8 and NF4"}
 _FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
@@ -62,7 +71,7 @@ def _cache_path(compiler: str, sources: tuple[Path, ...]) -> Path:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     key = hashlib.sha256()
-    texts = [source.read_bytes() for source in sources]
+    texts = [source.read_bytes() for source in (*sources, *HEADERS)]
     for part in (*texts, torch.__version__.encode(), compiler.encode(), *_FLAGS):
         key.update(part if isinstance(part, bytes) else part.encode())
     return Path(cache_dir()) / "shardserve" / f"kernels-{key.hexdigest()[:16]}.so"
@@ -129,6 +138,10 @@ def load(compiler: str | None = None) -> bool:
     @torch.library.register_fake("shardserve_kernels::nf4_linear")
     def _(x, packed, scale, levels):
         return x.new_empty(x.shape[0], packed.shape[0])
+
+    @torch.library.register_fake("shardserve_kernels::paged_decode")
+    def _(q, k_cache, v_cache, block_ids, positions, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     _loaded = path
     from layers.quant.expand import expand_available

@@ -16,7 +16,11 @@ import torch.nn.functional as F
 from layers.attention.alibi import alibi_bias
 from layers.attention.backend import AttentionBackend, KVCache, write_kv
 from layers.attention.metadata import AttentionMetadata
-from layers.attention.paged_decode import paged_decode_attention, shared_tree_attention
+from layers.attention.paged_decode import (
+    kernel_fits,
+    paged_decode_attention,
+    shared_tree_attention,
+)
 from layers.attention.tree import tree_depths, tree_mask
 
 
@@ -58,20 +62,26 @@ def _causal_after_prefix(q, k_cache, v_cache, meta: AttentionMetadata, i: int, s
 class TorchSDPABackend(AttentionBackend):
     name = "torch-sdpa"
 
+    @staticmethod
+    def _decode_inputs(meta: AttentionMetadata, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The single-token rows' block tables [s, max_blocks] (padded with the null block)
+        and positions [s], built once per step."""
+        if meta.decode_inputs is None:
+            layout = meta.layout
+            s = layout.num_single
+            tables = layout.block_tables[:s]
+            max_blocks = max(len(t) for t in tables)
+            padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+            meta.decode_inputs = (
+                torch.tensor(padded, dtype=torch.long, device=device),
+                torch.tensor(layout.start_positions[:s], device=device),
+            )
+        return meta.decode_inputs
+
     def _single(self, meta: AttentionMetadata, device, window: int | None, alibi):
         key = ("single", window, None if alibi is None else alibi.data_ptr())
         if key not in meta.cache:
-            if meta.decode_inputs is None:
-                layout = meta.layout
-                s = layout.num_single
-                tables = layout.block_tables[:s]
-                max_blocks = max(len(t) for t in tables)
-                padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-                meta.decode_inputs = (
-                    torch.tensor(padded, dtype=torch.long, device=device),  # [s, max_blocks]
-                    torch.tensor(layout.start_positions[:s], device=device),  # [s]
-                )
-            block_ids, positions = meta.decode_inputs
+            block_ids, positions = self._decode_inputs(meta, device)
             key_pos = torch.arange(block_ids.shape[1] * meta.layout.block_size, device=device)
             ok = _window_ok(key_pos[None, :], positions[:, None], window)  # [s, max_len]
             if alibi is None:
@@ -141,6 +151,11 @@ class TorchSDPABackend(AttentionBackend):
                     sliding_window,
                     alibi_slopes,
                 )
+        elif s and kernel_fits(q, k_cache, sliding_window, alibi_slopes):
+            block_ids, positions = self._decode_inputs(meta, q.device)
+            out[:s] = torch.ops.shardserve_kernels.paged_decode(
+                q[:s], k_cache, v_cache, block_ids, positions, scale
+            )
         elif s:
             block_ids, mask = self._single(meta, q.device, sliding_window, alibi_slopes)
             keys = _gather(k_cache, block_ids).view(s, -1, kv_heads, head_dim).transpose(1, 2)

@@ -100,13 +100,19 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+_isa = 0  # kept once the kernels answer: compiled steps read it as a constant
+
+
 def kernel_isa() -> int:
     """The instruction set of the hand-written CPU kernels (layers/quant/gemv.cpp) that
     shards/kernels.py has registered in this process: 0 none, 1 AVX2, 2 AVX-512 VNNI."""
-    try:
-        return int(torch.ops.shardserve_kernels.int8_mm_isa())
-    except (AttributeError, RuntimeError):
-        return 0
+    global _isa
+    if not _isa:
+        try:
+            _isa = int(torch.ops.shardserve_kernels.int8_mm_isa())
+        except (AttributeError, RuntimeError):
+            return 0
+    return _isa
 
 
 def fused_gemv_fits(x: torch.Tensor) -> bool:

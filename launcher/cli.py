@@ -6,7 +6,7 @@ import importlib
 import json
 import sys
 
-from launcher import logs
+from shards import logs
 
 # name → (module, function, help); imported only when run, so `serve` never loads a benchmark
 COMMANDS = {

@@ -81,7 +81,7 @@ def _convert(gguf: Path, out: Path) -> None:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launcher import logs
+    from shards import logs
 
     steps = tqdm(
         total=4,

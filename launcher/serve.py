@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import orjson
 
-from launcher import logs
 from launcher.config import Config, ConfigError, load_config
 from launcher.groups import group_specs, shard_argv, socket_path
 from launcher.model_resolution import ResolvedModel, resolve_model
@@ -20,6 +19,7 @@ from layers.parallel import ShardingError
 from layers.quant.smoothquant import SMOOTHQUANT_FILE
 from router.settings import SETTINGS_ENV, RouterSettings
 from router.templates import KNOWN_NAMES
+from shards import logs
 from shards.checkpoint import CheckpointError, safetensors_metadata
 from shards.model_config import check_tensor_parallel
 from shards.wire import ShardSpec

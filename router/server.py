@@ -24,7 +24,6 @@ import sys
 import orjson
 import uvicorn
 
-from launcher import logs
 from router.app import Router, create_app
 from router.block_allocator import BlockAllocator
 from router.completions import ServingContext
@@ -40,6 +39,7 @@ from router.shard_client import AsyncShardClient
 from router.template_choice import choose_template
 from router.templates import ChatTemplate
 from router.tokenizer import load_tokenizer
+from shards import logs
 from shards.wire import DRAIN_SIGNAL, STOP_SIGNAL, leave_stop_signals_to_launcher
 
 log = logging.getLogger("shardserve.router")
@@ -127,10 +127,10 @@ async def build_context(s: RouterSettings, metrics: Metrics | None = None) -> Se
 
 
 async def log_quality(ctx: ServingContext, quantization: str, num_tokens: int = 1024) -> float:
-    """Perplexity of the held-out text (launcher/quality.py) scored through the engine, before
+    """Perplexity of the held-out text (router/quality.py) scored through the engine, before
     the server reports ready: the served model's quality as one number in the log."""
-    from launcher.quality import eval_tokens
     from router.params import GenerationParams
+    from router.quality import eval_tokens
     from shards.wire import SamplingParams
 
     ids = eval_tokens(ctx.tokenizer, min(num_tokens, ctx.max_model_len - 1))

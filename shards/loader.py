@@ -17,8 +17,8 @@ import time
 from torch import nn
 from tqdm import tqdm
 
-from launcher import logs
 from layers.linear import INPUT_VECTOR, WHOLE, ParallelLinear, Split
+from shards import logs
 from shards.checkpoint import CheckpointReader
 
 log = logging.getLogger("shardserve.loader")

@@ -21,7 +21,7 @@ import sys
 
 import orjson
 
-from launcher import logs
+from shards import logs
 from shards.distributed import PlanChannel, leave_group
 from shards.wire import (
     STOP_SIGNAL,

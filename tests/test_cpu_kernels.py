@@ -95,10 +95,9 @@ def _nf4_in_bytes(x: torch.Tensor, layer) -> torch.Tensor:
     """What the kernel computes, in torch: levels rounded to steps of 1/127; each token's inputs
     rounded per group of 64 on the group's absmax / 127 grid, and their rounding errors in
     128ths of a step; exact integer sums per group, scaled by both groups' steps."""
-    from layers.quant.dequant import NF4_GROUP
+    from layers.quant.dequant import NF4_GROUP, nf4_codes, nf4_scales
 
-    packed = layer.nf4_packed
-    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(packed.shape[0], -1).long()
+    codes = nf4_codes(layer).long()
     w = torch.round(layer.nf4_levels * 127)[codes]  # [N, K] integers
     groups = x.view(x.shape[0], -1, NF4_GROUP)
     step = groups.abs().amax(dim=2).clamp(min=1e-30) / 127  # [M, G]
@@ -107,19 +106,28 @@ def _nf4_in_bytes(x: torch.Tensor, layer) -> torch.Tensor:
     lo = torch.round((u - hi) * 128)
     wg = w.view(w.shape[0], -1, NF4_GROUP).double()  # [N, G, 64]
     sums = torch.einsum("mgk,ngk->mng", (128 * hi + lo).double(), wg)  # exact
-    scale = layer.nf4_scale.double() / (127 * 128)  # [N, G]
+    scale = nf4_scales(layer).double() / (127 * 128)  # [N, G]
     return (sums * scale[None] * step.double()[:, None]).sum(-1).float()
 
 
 @nf4_only
 @pytest.mark.parametrize("rows, k, n", [(1, 64, 3), (2, 576, 960), (8, 2048, 77), (9, 128, 5),
-                                        (64, 1024, 33), (3, 8192, 16), (130, 192, 7)])  # fmt: skip
+                                        (64, 1024, 33), (3, 8192, 16), (130, 192, 7),
+                                        (5, 64, 32), (13, 128, 48)])  # fmt: skip
 def test_nf4_linear_computes_in_bytes_close_to_the_dequantized_matmul(rows, k, n):
     layer = _nf4_layer(k, n)
     assert layer.nf4_kernel
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-    packed, scale, levels = layer.nf4_packed, layer.nf4_scale, layer.nf4_levels
+    from layers.quant.dequant import nf4_codes, nf4_scales
+
+    codes, scale, levels = nf4_codes(layer), nf4_scales(layer), layer.nf4_levels
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
     got = torch.ops.shardserve_kernels.nf4_linear(x, packed, scale, levels)
+    ops = torch.ops.shardserve_kernels
+    if layer.nf4_blocks is not None:  # 16 rows at a time: the same sums, another order
+        blocks = ops.nf4_blocks_linear(x, layer.nf4_blocks, layer.nf4_block_scales, levels)
+        torch.testing.assert_close(blocks, got, rtol=1e-5, atol=1e-6 * got.abs().max().item())
+        got = blocks
     if rows < EXPAND_MIN_TOKENS:  # what the layer runs (more: tests/test_expand.py)
         assert torch.equal(layer.quant.apply(layer, x, None), got)
     # its own arithmetic, written independently: equal but for float summation order

@@ -30,12 +30,20 @@ def _layer(mode: str, k: int, n: int):
     return layer
 
 
-@pytest.mark.parametrize("k, n", [(64, 1), (128, 3), (576, 960), (2048, 17)])
+@pytest.mark.parametrize("k, n", [(64, 1), (128, 3), (576, 960), (2048, 17), (128, 48)])
 def test_nf4_expand_is_the_dequantized_weight_in_bfloat16(k, n):
+    from layers.quant.dequant import nf4_codes, nf4_scales
+
     layer = _layer("ifq_nf4", k, n)
+    want = layer.quant.dequantized(layer).bfloat16()
+    codes = nf4_codes(layer)
     out = torch.empty(n, k, dtype=torch.bfloat16)
-    ops.nf4_expand(layer.nf4_packed, layer.nf4_scale, layer.nf4_levels, out)
-    assert torch.equal(out, layer.quant.dequantized(layer).bfloat16())
+    ops.nf4_expand(codes[:, 0::2] | (codes[:, 1::2] << 4), nf4_scales(layer), layer.nf4_levels, out)
+    assert torch.equal(out, want)
+    if layer.nf4_blocks is not None:  # the layout of 16 rows at a time
+        out.zero_()
+        ops.nf4_blocks_expand(layer.nf4_blocks, layer.nf4_block_scales, layer.nf4_levels, out)
+        assert torch.equal(out, want)
 
 
 @pytest.mark.parametrize("k, n", [(1, 1), (15, 2), (17, 3), (576, 960), (1000, 33)])
@@ -60,9 +68,9 @@ def _bf16_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x.bfloat16(), w.bfloat16()).float()
 
 
-@pytest.mark.parametrize("mode", ["ifq", "ifq_nf4"])
-def test_tiles_add_up_to_the_whole_matmul(mode, monkeypatch):
-    layer = _layer(mode, 128, 100)
+@pytest.mark.parametrize("mode, n", [("ifq", 100), ("ifq_nf4", 100), ("ifq_nf4", 96)])
+def test_tiles_add_up_to_the_whole_matmul(mode, n, monkeypatch):
+    layer = _layer(mode, 128, n)  # NF4 in rows of 16 where they divide the outputs
     x = torch.randn(expand.EXPAND_MIN_TOKENS, 128, generator=torch.Generator().manual_seed(1))
     whole = layer.quant.apply(layer, x, None)
     # 32 rows a tile: three whole tiles and a part

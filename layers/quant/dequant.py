@@ -2,15 +2,17 @@
 `ifq_nf4` (NF4 codes packed two per byte, one absmax scale per group of 64 inputs). They hold
 1/4 and ~1/7 of float32's bytes. Compiled CPU decode steps of up to 4 rows read the codes inside
 `fused_gemv`'s reduction (e4m3 converted, NF4 looked up per byte), which no float weight is
-built for. On a CPU with AVX-512 VNNI every NF4 matmul of up to 32 tokens goes through
-`shardserve_kernels::nf4_linear` (gemv.cpp) instead: levels rounded to int8, activations to
-int8 twice over per group of 64, as llama.cpp multiplies its 4-bit blocks (~0.6 % of a
-matmul's norm against the exact levels; inductor's float lookup streamed the 1B shape's codes
-at well under 1 GB/s). More tokens (prompts), where the CPU has bfloat16 dot products, expand
-the codes to bfloat16 tile by tile for oneDNN's GEMM (expand.py): ~3.4x the kernel's speed at
-512 tokens, which multiplies codes 8 tokens at a time. On CPU the LM head is int8 (`ifq`'s,
-`cpu_lm_head_mode`). Every other matmul rebuilds the float weight first. The log says which
-at start-up.
+built for. On a CPU with AVX-512 VNNI every NF4 matmul of up to 32 tokens goes through a
+hand-written kernel instead: levels rounded to int8, activations to int8 twice over per group
+of 64, as llama.cpp multiplies its 4-bit blocks (~0.6 % of a matmul's norm against the exact
+levels; inductor's float lookup streamed the 1B shape's codes at well under 1 GB/s). Layers
+whose outputs come in multiples of 16 keep their codes in blocks of 16 rows (`to_blocks`) for
+`shardserve_kernels::nf4_blocks_linear` (nf4_blocks.cpp: one vpdpbusd lane per row, 1.6-1.8x
+the row-by-row kernel at one token); others keep rows of packed codes for `nf4_linear`
+(gemv.cpp). More tokens (prompts), where the CPU has bfloat16 dot products, expand the codes to
+bfloat16 tile by tile for oneDNN's GEMM (expand.py): ~3.4x the kernel's speed at 512 tokens.
+On CPU the LM head is int8 (`ifq`'s, `cpu_lm_head_mode`). Every other matmul rebuilds the
+float weight first. The log says which at start-up.
 
 On GPUs with fp8 tensor cores (compute capability 8.9+), `fp8` with fast kernels runs the
 large linears with `torch._scaled_mm` on the fp8 weight, each token's activations quantized to
@@ -35,7 +37,7 @@ from layers.quant.base import (
     kernel_isa,
     row_absmax,
 )
-from layers.quant.expand import expand_available, expands, nf4_matmul
+from layers.quant.expand import expand_available, expands, nf4_blocks_matmul, nf4_matmul
 from layers.quant.int8 import Int8WeightOnly
 
 log = logging.getLogger("shardserve.quant")
@@ -199,6 +201,40 @@ def _fp8_scaled_mm(x: torch.Tensor, fp8_weight: torch.Tensor, scale_row: torch.T
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
+NF4_BLOCK_ROWS = 16  # rows the decode kernel multiplies at once (nf4_blocks.cpp)
+
+
+def to_blocks(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4 codes [N, K] and group scales [N, K / 64] in nf4_blocks.cpp's layout: per 16 rows
+    and group, 8 runs of 64 bytes, byte (r, b) of run k holding row r's codes of inputs
+    8k + b (low nibble) and 8k + 4 + b (high nibble); scales [N / 16, K / 64, 16]."""
+    n, k = codes.shape
+    g = k // NF4_GROUP
+    c = codes.view(n // NF4_BLOCK_ROWS, NF4_BLOCK_ROWS, g, 8, 2, 4).permute(0, 2, 3, 1, 5, 4)
+    blocks = (c[..., 0] | (c[..., 1] << 4)).contiguous()
+    scales = scale.view(n // NF4_BLOCK_ROWS, NF4_BLOCK_ROWS, g).transpose(1, 2).contiguous()
+    return blocks, scales
+
+
+def nf4_codes(layer) -> torch.Tensor:
+    """The layer's NF4 codes [N, K] (uint8, 0-15), from whichever layout it keeps."""
+    if layer.nf4_blocks is None:
+        packed = layer.nf4_packed
+        return torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(packed.shape[0], -1)
+    b = layer.nf4_blocks  # [N / 16, G, 8, 16, 4]
+    c = torch.stack([b & 0x0F, b >> 4], dim=-1)  # [nb, g, run, row, byte, nibble]
+    nb, g = b.shape[:2]
+    return c.permute(0, 3, 1, 2, 5, 4).reshape(nb * NF4_BLOCK_ROWS, g * NF4_GROUP)
+
+
+def nf4_scales(layer) -> torch.Tensor:
+    """The layer's group scales [N, K / 64]."""
+    if layer.nf4_blocks is None:
+        return layer.nf4_scale
+    s = layer.nf4_block_scales  # [N / 16, G, 16]
+    return s.transpose(1, 2).reshape(-1, s.shape[1])
+
+
 class Nf4WeightOnly(_Announced):
     name = "ifq_nf4"
 
@@ -221,11 +257,15 @@ class Nf4WeightOnly(_Announced):
         levels = NF4_LEVELS.to(w.device)
         mids = (levels[1:] + levels[:-1]) / 2
         codes = torch.bucketize(groups / scale[..., None], mids).to(torch.uint8).view(out_f, in_f)
-        layer.nf4_packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-        layer.nf4_scale = scale
         layer.nf4_levels = levels
         layer.nf4_kernel = self.kernels and w.device.type == "cpu" and kernel_isa() >= 2
         layer.expand_gemm = layer.nf4_kernel and expand_available()
+        layer.nf4_packed = layer.nf4_scale = layer.nf4_blocks = layer.nf4_block_scales = None
+        if layer.nf4_kernel and out_f % NF4_BLOCK_ROWS == 0:
+            layer.nf4_blocks, layer.nf4_block_scales = to_blocks(codes, scale)
+        else:
+            layer.nf4_packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            layer.nf4_scale = scale
         drop_float_weight(layer)
         how = self._plain_how(w.device)
         if layer.nf4_kernel:
@@ -233,6 +273,9 @@ class Nf4WeightOnly(_Announced):
         self._announce(w.device, how)
 
     def dequantized(self, layer) -> torch.Tensor:
+        if layer.nf4_blocks is not None:
+            w = layer.nf4_levels[nf4_codes(layer).long()].view(nf4_scales(layer).shape + (-1,))
+            return (w * nf4_scales(layer)[..., None]).flatten(1)
         packed = layer.nf4_packed
         levels = layer.nf4_levels
         # Two lookups, then interleaved, rather than unpacking codes first: compiled, this is
@@ -243,11 +286,22 @@ class Nf4WeightOnly(_Announced):
         return (w * layer.nf4_scale[..., None]).view(packed.shape[0], -1)
 
     def weight_bytes(self, layer) -> int:
+        if layer.nf4_blocks is not None:
+            return layer.nf4_blocks.numel() + layer.nf4_block_scales.numel() * 4
         return layer.nf4_packed.numel() + layer.nf4_scale.numel() * 4
 
     def apply(self, layer, x, bias):
         flat = x.reshape(-1, x.shape[-1])
-        if layer.nf4_kernel:
+        if layer.nf4_blocks is not None:
+            blocks, scales, levels = layer.nf4_blocks, layer.nf4_block_scales, layer.nf4_levels
+            if expands(layer, flat):
+                y = nf4_blocks_matmul(flat, blocks, scales, levels)
+            else:
+                y = torch.ops.shardserve_kernels.nf4_blocks_linear(
+                    flat.float(), blocks, scales, levels
+                )
+            y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+        elif layer.nf4_kernel:
             packed, scale, levels = layer.nf4_packed, layer.nf4_scale, layer.nf4_levels
             if expands(layer, flat):
                 y = nf4_matmul(flat, packed, scale, levels)

@@ -57,13 +57,13 @@ def _tile_buffer(elements: int) -> torch.Tensor:
 
 
 def expanded_matmul(
-    x: torch.Tensor, rows: int, expand: Callable[[int, int, torch.Tensor], None]
+    x: torch.Tensor, rows: int, expand: Callable[[int, int, torch.Tensor], None], step: int = 1
 ) -> torch.Tensor:
     """x [M, K] @ W.T in float32, W [rows, K] written by `expand(start, end, out)` into a
-    bfloat16 tile `out` [end - start, K]."""
+    bfloat16 tile `out` [end - start, K]; tiles start at multiples of `step` rows."""
     k = x.shape[-1]
     xb = x.to(torch.bfloat16)
-    tile = max(16, EXPAND_TILE_BYTES // (2 * k))
+    tile = max(16, EXPAND_TILE_BYTES // (2 * k)) // step * step
     buf = _tile_buffer(min(tile, rows) * k).view(-1, k)
     if rows <= tile:
         expand(0, rows, buf)
@@ -89,3 +89,13 @@ def int8_matmul(x: torch.Tensor, qweight, scale) -> torch.Tensor:
         torch.ops.shardserve_kernels.int8_expand(qweight[start:end], scale[start:end], out)
 
     return expanded_matmul(x, qweight.shape[0], expand)
+
+
+def nf4_blocks_matmul(x: torch.Tensor, blocks, scales, levels) -> torch.Tensor:
+    """As `nf4_matmul`, for the codes in blocks of 16 rows (layers/quant/nf4_blocks.cpp)."""
+
+    def expand(start: int, end: int, out: torch.Tensor) -> None:
+        b0, b1 = start // 16, end // 16
+        torch.ops.shardserve_kernels.nf4_blocks_expand(blocks[b0:b1], scales[b0:b1], levels, out)
+
+    return expanded_matmul(x, blocks.shape[0] * 16, expand, step=16)

@@ -8,6 +8,7 @@ bytes, for more (prompt chunks, large batches) GFLOP/s.
     int8 onednn the two-pass int8 rounding through torch._int_mm (oneDNN's int8 GEMM)
     int8 kernel the hand-written GEMV, `shardserve_kernels::int8_linear` (shards/kernels.py)
     nf4 kernel  the hand-written NF4 GEMV in bytes, `shardserve_kernels::nf4_linear`
+    nf4 blocks  the same arithmetic 16 rows at a time, `shardserve_kernels::nf4_blocks_linear`
     int8 expand, nf4 expand
                 rows expanded to bfloat16 tile by tile for oneDNN's GEMM (layers/quant/expand.py)
 
@@ -47,7 +48,8 @@ MAX_ROWS = {"int8 fused": 4, "int8 kernel": 16}
 GEMV_ROWS = 8  # up to here the table gives GB/s of weight bytes, past it GFLOP/s
 
 
-def _nf4(w):
+def _nf4_codes(w):
+    """NF4 codes [N, K] and group scales of a float weight, as `ifq_nf4` rounds them."""
     import torch
 
     from layers.quant.dequant import NF4_GROUP, NF4_LEVELS
@@ -56,7 +58,19 @@ def _nf4(w):
     scale = groups.abs().amax(dim=2).clamp(min=1e-12)
     mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
     codes = torch.bucketize(groups / scale[..., None], mids).to(torch.uint8).view(w.shape)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4), scale, NF4_LEVELS
+    return codes, scale, NF4_LEVELS
+
+
+def _nf4(w):
+    codes, scale, levels = _nf4_codes(w)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4), scale, levels
+
+
+def _nf4_blocks(w):
+    from layers.quant.dequant import to_blocks
+
+    codes, scale, levels = _nf4_codes(w)
+    return (*to_blocks(codes, scale), levels)
 
 
 def _paths(kernel: bool, rows: int) -> dict:
@@ -87,6 +101,7 @@ def _paths(kernel: bool, rows: int) -> dict:
         paths["int8 kernel"] = (int8, lambda x, p: ops.int8_linear(x, *p), 1)
     if kernel and kernel_isa() >= 2:
         paths["nf4 kernel"] = (_nf4, lambda x, p: ops.nf4_linear(x, *p), 0.5)
+        paths["nf4 blocks"] = (_nf4_blocks, lambda x, p: ops.nf4_blocks_linear(x, *p), 0.5)
     if kernel and expand.expand_available():
         paths["int8 expand"] = (int8, lambda x, p: expand.int8_matmul(x, *p), 1)
         paths["nf4 expand"] = (_nf4, lambda x, p: expand.nf4_matmul(x, *p), 0.5)

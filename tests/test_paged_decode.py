@@ -39,8 +39,8 @@ def test_the_kernel_equals_the_torch_formulation(monkeypatch, dtype, s, heads, k
     ids = torch.randint(1, blocks, (s, width), generator=gen)
     positions = torch.randint(0, width * bs, (s,), generator=gen)
     positions[0] = 0  # a sequence's first token sees itself only
-    assert paged_decode.kernel_fits(q, k, None, None)
-    got = paged_decode.paged_decode_attention(q, k, v, ids, positions, d**-0.5, None)
+    assert paged_decode.kernel_fits(q, k, None, None) == (dtype == torch.float32)
+    got = torch.ops.shardserve_kernels.paged_decode(q, k, v, ids, positions, d**-0.5)
     ref = _torch_formulation(monkeypatch, q.float(), k.float(), v.float(), ids, positions,
                              d**-0.5, None)  # fmt: skip
     assert got.dtype == dtype
@@ -55,6 +55,9 @@ def test_windows_alibi_and_odd_heads_stay_with_torch():
     assert not paged_decode.kernel_fits(q, k, None, torch.ones(2))
     assert not paged_decode.kernel_fits(torch.zeros(1, 2, 24), torch.zeros(4, 4, 1, 24), None, None)
     assert not paged_decode.kernel_fits(q.half(), k.half(), None, None)
+    # bfloat16 caches stay with torch's paths: SDPA verifies lookahead trees, and greedy
+    # outputs must not part from plain decoding at near-ties
+    assert not paged_decode.kernel_fits(q.bfloat16(), k.bfloat16(), None, None)
 
 
 def test_the_kernel_refuses_mismatched_inputs():

@@ -157,8 +157,11 @@ def test_bench_quant(model, tmp_path):
 
 def test_bench_lookahead(model, tmp_path):
     path = tmp_path / "lookahead.json"
+    # float32: identity with plain decoding is exact up to summation order there; in bfloat16
+    # (this CPU's default) trees verified through SDPA and plain compiled steps can part at a
+    # near-tie of the logits' 8 bits
     shardserve("bench-lookahead", "--model", model, "--max-tokens", "8", "--rounds", "1",
-               "--json", str(path))  # fmt: skip
+               "--dtype", "float32", "--json", str(path))  # fmt: skip
     report = json.loads(path.read_text())
     assert set(report) == {"rag", "chat", "mixed", "chat16"}
     for name, r in report.items():

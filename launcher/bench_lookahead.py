@@ -98,7 +98,8 @@ def _measure(folder: str, lookahead: bool, args) -> dict:
     out = {}
     with LLM(folder, kv_cache_memory=2**29, max_model_len=4096, use_lookahead=lookahead,
              num_speculative_tokens=args.depth, quantization=args.quantization,
-             device=args.device, enforce_eager=args.enforce_eager) as llm:  # fmt: skip
+             device=args.device, enforce_eager=args.enforce_eager,
+             dtype=args.dtype) as llm:  # fmt: skip
         prompts = _prompts(llm)
         llm.generate(prompts["warmup"], params)
         for name in ("rag", "chat", "mixed", "chat16"):
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--depth", type=int, default=8, help="NUM_SPECULATIVE_TOKENS")
     p.add_argument("--quantization", default="none", help="QUANTIZATION for both runs")
+    p.add_argument("--dtype", default="auto", help="DTYPE for both runs (auto: the default)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--enforce-eager", type=int, default=1, help="0: CUDA graphs for plain decode steps"

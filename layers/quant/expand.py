@@ -1,7 +1,7 @@
 """Matmuls of many tokens over quantized weights, as bfloat16 GEMMs on expanded tiles.
 
 A prompt chunk (or a large batch) is arithmetic-bound: there oneDNN's bfloat16 GEMM, on a CPU
-with AVX512_BF16 dot products, runs ~3x float32's and well ahead of the int8 GEMVs, which
+with AVX512_BF16 dot products, runs ~2x float32's and well ahead of the int8 GEMVs, which
 multiply codes a few tokens at a time (the NF4 kernel 4x slower than bfloat16 at 512 tokens of
 the 1B shape; BENCHMARKS.md). So past EXPAND_MIN_TOKENS tokens `ifq` and `ifq_nf4` expand their
 rows to bfloat16 a tile at a time (`shardserve_kernels::int8_expand` / `nf4_expand`,
@@ -23,8 +23,8 @@ from layers.quant.base import kernel_isa
 
 # More rows than any compiled step takes (16 sequences, lookahead trees of 32 rows;
 # shards/compiled_decode.py): a step shape that can run compiled computes the same eagerly, so
-# lookahead verification stays identical to plain decoding. From 9 rows on the expanded GEMM
-# is already as fast or faster (NF4 ~1.7x at 32; int8 even; BENCHMARKS.md).
+# lookahead verification stays identical to plain decoding. At 40 rows the expanded GEMM is
+# already as fast or faster at most shapes (bench-kernels --rows 40, BENCHMARKS.md).
 EXPAND_MIN_TOKENS = 33
 # bfloat16 bytes per tile: 8 MiB measured best at 2,048 and 8,192 inputs (smaller tiles pay
 # a call per tile, larger ones fall out of the cache before the GEMM reads them back).

@@ -27,7 +27,7 @@ from torch import nn
 
 from layers.attention.metadata import AttentionMetadata, BatchLayout
 from layers.attention.tree import tree_depths, tree_mask
-from shards.compile_cache import compiled_for
+from shards.compile_cache import DirectCalls
 from shards.kv_cache import KVCache
 from shards.wire import ScheduledSeq
 
@@ -48,6 +48,16 @@ COMPILED_MODES = ("none", "ifq", "smoothquant", "fp8", "ifq_nf4")
 
 def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return model.compute_logits(hidden)
+
+
+def _logits_key(model, hidden):
+    return hidden.shape[0]
+
+
+def _layer_key(layer, rope, cos, sin, h, residual, kv_cache, slots, block_ids, positions, mask):
+    # everything else a step passes is fixed by the model and its cache (block_ids' and the
+    # mask's width are dynamic dimensions)
+    return h.shape[0], residual is None, mask is None
 
 
 def _decode_layer(
@@ -75,11 +85,14 @@ class CompiledDecode:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # The decoder stack every family builds on (shards/models/llama.py: LlamaModel).
         stack = model.model
-        self.compiled_layers = {  # id(layer) -> its compiled step, with the rotary it is given
-            id(layer): compiled_for(_decode_layer, layer, stack.rotary_emb)
-            for layer in stack.layers
-        }
-        self.compiled_head = compiled_for(_logits, model)
+        # id(layer) -> its compiled step, with the rotary it is given; layers described alike
+        # share one
+        steps: dict[tuple, DirectCalls] = {}
+        self.compiled_layers = {}
+        for layer in stack.layers:
+            step = DirectCalls(_decode_layer, layer, stack.rotary_emb, key=_layer_key)
+            self.compiled_layers[id(layer)] = steps.setdefault(id(step.compiled), step)
+        self.compiled_head = DirectCalls(_logits, model, key=_logits_key)
         # Tree steps take their windows and biases from the mask and the rows' positions: a
         # sliding window (some families' per layer) or ALiBi (distances by depth) stays eager.
         cfg = getattr(model, "cfg", None)

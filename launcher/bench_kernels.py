@@ -7,8 +7,8 @@ bytes, for more (prompt chunks, large batches) GFLOP/s.
     int8 fused  the compiled multiply-and-sum over int8 weights (`fused_gemv`, float activations)
     int8 onednn the two-pass int8 rounding through torch._int_mm (oneDNN's int8 GEMM)
     int8 kernel the hand-written GEMV, `shardserve_kernels::int8_linear` (shards/kernels.py)
-    nf4 kernel  the hand-written NF4 GEMV in bytes, `shardserve_kernels::nf4_linear`
-    nf4 blocks  the same arithmetic 16 rows at a time, `shardserve_kernels::nf4_blocks_linear`
+    nf4 kernel  the hand-written NF4 GEMV in bytes, 16 rows at a time,
+                `shardserve_kernels::nf4_blocks_linear`
     int8 expand, nf4 expand
                 rows expanded to bfloat16 tile by tile for oneDNN's GEMM (layers/quant/expand.py)
 
@@ -61,11 +61,6 @@ def _nf4_codes(w):
     return codes, scale, NF4_LEVELS
 
 
-def _nf4(w):
-    codes, scale, levels = _nf4_codes(w)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4), scale, levels
-
-
 def _nf4_blocks(w):
     from layers.quant.dequant import to_blocks
 
@@ -100,11 +95,10 @@ def _paths(kernel: bool, rows: int) -> dict:
     if kernel:
         paths["int8 kernel"] = (int8, lambda x, p: ops.int8_linear(x, *p), 1)
     if kernel and kernel_isa() >= 2:
-        paths["nf4 kernel"] = (_nf4, lambda x, p: ops.nf4_linear(x, *p), 0.5)
-        paths["nf4 blocks"] = (_nf4_blocks, lambda x, p: ops.nf4_blocks_linear(x, *p), 0.5)
+        paths["nf4 kernel"] = (_nf4_blocks, lambda x, p: ops.nf4_blocks_linear(x, *p), 0.5)
     if kernel and expand.expand_available():
         paths["int8 expand"] = (int8, lambda x, p: expand.int8_matmul(x, *p), 1)
-        paths["nf4 expand"] = (_nf4, lambda x, p: expand.nf4_matmul(x, *p), 0.5)
+        paths["nf4 expand"] = (_nf4_blocks, lambda x, p: expand.nf4_blocks_matmul(x, *p), 0.5)
     return {name: path for name, path in paths.items() if rows <= MAX_ROWS.get(name, rows)}
 
 

@@ -3,10 +3,10 @@ the first time a shard needs them, cached beside torch's own compiled code, and 
 ops that layers/ call where they are registered. Without a compiler, or on a CPU without AVX2,
 nothing is registered and the layers keep their plain-torch paths.
 
-    layers/quant/gemv.cpp   shardserve_kernels::int8_linear and nf4_linear, the GEMVs of
-                            few-token steps over int8 and NF4 weights
-    layers/quant/expand.cpp shardserve_kernels::int8_expand and nf4_expand, quantized rows
-                            to bfloat16 for the GEMMs of many tokens
+    layers/quant/gemv.cpp   shardserve_kernels::int8_linear, the GEMV of few-token steps
+                            over int8 weights
+    layers/quant/expand.cpp shardserve_kernels::int8_expand and nf4_blocks_expand, quantized
+                            rows to bfloat16 for the GEMMs of many tokens
     layers/quant/nf4_blocks.cpp
                             shardserve_kernels::nf4_blocks_linear, the NF4 GEMV laid out 16
                             rows at a time
@@ -138,10 +138,6 @@ def load(compiler: str | None = None) -> bool:
     @torch.library.register_fake("shardserve_kernels::int8_linear")
     def _(x, b, scale, isa=0):
         return x.new_empty(x.shape[0], b.shape[0])
-
-    @torch.library.register_fake("shardserve_kernels::nf4_linear")
-    def _(x, packed, scale, levels):
-        return x.new_empty(x.shape[0], packed.shape[0])
 
     @torch.library.register_fake("shardserve_kernels::nf4_blocks_linear")
     def _(x, blocks, scales, levels):

@@ -114,20 +114,14 @@ def _nf4_in_bytes(x: torch.Tensor, layer) -> torch.Tensor:
 @pytest.mark.parametrize("rows, k, n", [(1, 64, 3), (2, 576, 960), (8, 2048, 77), (9, 128, 5),
                                         (64, 1024, 33), (3, 8192, 16), (130, 192, 7),
                                         (5, 64, 32), (13, 128, 48)])  # fmt: skip
-def test_nf4_linear_computes_in_bytes_close_to_the_dequantized_matmul(rows, k, n):
+def test_nf4_kernel_computes_in_bytes_close_to_the_dequantized_matmul(rows, k, n):
     layer = _nf4_layer(k, n)
     assert layer.nf4_kernel
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-    from layers.quant.dequant import nf4_codes, nf4_scales
-
-    codes, scale, levels = nf4_codes(layer), nf4_scales(layer), layer.nf4_levels
-    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    got = torch.ops.shardserve_kernels.nf4_linear(x, packed, scale, levels)
     ops = torch.ops.shardserve_kernels
-    if layer.nf4_blocks is not None:  # 16 rows at a time: the same sums, another order
-        blocks = ops.nf4_blocks_linear(x, layer.nf4_blocks, layer.nf4_block_scales, levels)
-        torch.testing.assert_close(blocks, got, rtol=1e-5, atol=1e-6 * got.abs().max().item())
-        got = blocks
+    padded = ops.nf4_blocks_linear(x, layer.nf4_blocks, layer.nf4_block_scales, layer.nf4_levels)
+    got = padded[:, :n]  # outputs padded to blocks of 16 rows give zeros past n
+    assert torch.equal(padded[:, n:], torch.zeros(rows, padded.shape[1] - n))
     if rows < EXPAND_MIN_TOKENS:  # what the layer runs (more: tests/test_expand.py)
         assert torch.equal(layer.quant.apply(layer, x, None), got)
     # its own arithmetic, written independently: equal but for float summation order

@@ -32,18 +32,14 @@ def _layer(mode: str, k: int, n: int):
 
 @pytest.mark.parametrize("k, n", [(64, 1), (128, 3), (576, 960), (2048, 17), (128, 48)])
 def test_nf4_expand_is_the_dequantized_weight_in_bfloat16(k, n):
-    from layers.quant.dequant import nf4_codes, nf4_scales
-
     layer = _layer("ifq_nf4", k, n)
     want = layer.quant.dequantized(layer).bfloat16()
-    codes = nf4_codes(layer)
-    out = torch.empty(n, k, dtype=torch.bfloat16)
-    ops.nf4_expand(codes[:, 0::2] | (codes[:, 1::2] << 4), nf4_scales(layer), layer.nf4_levels, out)
-    assert torch.equal(out, want)
-    if layer.nf4_blocks is not None:  # the layout of 16 rows at a time
-        out.zero_()
-        ops.nf4_blocks_expand(layer.nf4_blocks, layer.nf4_block_scales, layer.nf4_levels, out)
-        assert torch.equal(out, want)
+    rows = layer.nf4_blocks.shape[0] * 16  # n padded to blocks of 16 rows
+    assert rows - 16 < n <= rows
+    out = torch.full((rows, k), float("nan"), dtype=torch.bfloat16)
+    ops.nf4_blocks_expand(layer.nf4_blocks, layer.nf4_block_scales, layer.nf4_levels, out)
+    assert torch.equal(out[:n], want)
+    assert torch.equal(out[n:], torch.zeros(rows - n, k, dtype=torch.bfloat16))  # scale 0
 
 
 @pytest.mark.parametrize("k, n", [(1, 1), (15, 2), (17, 3), (576, 960), (1000, 33)])

@@ -5,12 +5,12 @@
 built for. On a CPU with AVX-512 VNNI every NF4 matmul of up to 32 tokens goes through a
 hand-written kernel instead: levels rounded to int8, activations to int8 twice over per group
 of 64, as llama.cpp multiplies its 4-bit blocks (~0.6 % of a matmul's norm against the exact
-levels; inductor's float lookup streamed the 1B shape's codes at well under 1 GB/s). Layers
-whose outputs come in multiples of 16 keep their codes in blocks of 16 rows (`to_blocks`) for
-`shardserve_kernels::nf4_blocks_linear` (nf4_blocks.cpp: one vpdpbusd lane per row, 1.6-1.8x
-the row-by-row kernel at one token); others keep rows of packed codes for `nf4_linear`
-(gemv.cpp). More tokens (prompts), where the CPU has bfloat16 dot products, expand the codes to
-bfloat16 tile by tile for oneDNN's GEMM (expand.py): ~3.4x the kernel's speed at 512 tokens.
+levels; inductor's float lookup streamed the 1B shape's codes at well under 1 GB/s). There the
+codes are kept in blocks of 16 rows (`to_blocks`; a layer whose outputs do not divide by 16 is
+padded with rows of zero scale) for `shardserve_kernels::nf4_blocks_linear` (nf4_blocks.cpp:
+one vpdpbusd lane per row, 1.6-1.8x a row-by-row kernel at one token). More tokens (prompts),
+where the CPU has bfloat16 dot products, expand the codes to bfloat16 tile by tile for
+oneDNN's GEMM (expand.py): ~3.4x the kernel's speed at 512 tokens.
 On CPU the LM head is int8 (`ifq`'s, `cpu_lm_head_mode`). Every other matmul rebuilds the
 float weight first. The log says which at start-up.
 
@@ -37,7 +37,7 @@ from layers.quant.base import (
     kernel_isa,
     row_absmax,
 )
-from layers.quant.expand import expand_available, expands, nf4_blocks_matmul, nf4_matmul
+from layers.quant.expand import expand_available, expands, nf4_blocks_matmul
 from layers.quant.int8 import Int8WeightOnly
 
 log = logging.getLogger("shardserve.quant")
@@ -224,7 +224,7 @@ def nf4_codes(layer) -> torch.Tensor:
     b = layer.nf4_blocks  # [N / 16, G, 8, 16, 4]
     c = torch.stack([b & 0x0F, b >> 4], dim=-1)  # [nb, g, run, row, byte, nibble]
     nb, g = b.shape[:2]
-    return c.permute(0, 3, 1, 2, 5, 4).reshape(nb * NF4_BLOCK_ROWS, g * NF4_GROUP)
+    return c.permute(0, 3, 1, 2, 5, 4).reshape(nb * NF4_BLOCK_ROWS, g * NF4_GROUP)[: layer.nf4_rows]
 
 
 def nf4_scales(layer) -> torch.Tensor:
@@ -232,7 +232,12 @@ def nf4_scales(layer) -> torch.Tensor:
     if layer.nf4_blocks is None:
         return layer.nf4_scale
     s = layer.nf4_block_scales  # [N / 16, G, 16]
-    return s.transpose(1, 2).reshape(-1, s.shape[1])
+    return s.transpose(1, 2).reshape(-1, s.shape[1])[: layer.nf4_rows]
+
+
+def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t with zero rows appended up to `rows` (a padded row has scale 0: it adds nothing)."""
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
 class Nf4WeightOnly(_Announced):
@@ -261,8 +266,12 @@ class Nf4WeightOnly(_Announced):
         layer.nf4_kernel = self.kernels and w.device.type == "cpu" and kernel_isa() >= 2
         layer.expand_gemm = layer.nf4_kernel and expand_available()
         layer.nf4_packed = layer.nf4_scale = layer.nf4_blocks = layer.nf4_block_scales = None
-        if layer.nf4_kernel and out_f % NF4_BLOCK_ROWS == 0:
-            layer.nf4_blocks, layer.nf4_block_scales = to_blocks(codes, scale)
+        layer.nf4_rows = out_f
+        if layer.nf4_kernel:
+            rows = -(-out_f // NF4_BLOCK_ROWS) * NF4_BLOCK_ROWS
+            layer.nf4_blocks, layer.nf4_block_scales = to_blocks(
+                _padded(codes, rows), _padded(scale, rows)
+            )
         else:
             layer.nf4_packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
             layer.nf4_scale = scale
@@ -300,14 +309,9 @@ class Nf4WeightOnly(_Announced):
                 y = torch.ops.shardserve_kernels.nf4_blocks_linear(
                     flat.float(), blocks, scales, levels
                 )
-            y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
-        elif layer.nf4_kernel:
-            packed, scale, levels = layer.nf4_packed, layer.nf4_scale, layer.nf4_levels
-            if expands(layer, flat):
-                y = nf4_matmul(flat, packed, scale, levels)
-            else:
-                y = torch.ops.shardserve_kernels.nf4_linear(flat.float(), packed, scale, levels)
-            y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+            if y.shape[-1] != layer.nf4_rows:  # the padding rows' zeros
+                y = y[:, : layer.nf4_rows]
+            y = y.to(x.dtype).reshape(*x.shape[:-1], layer.nf4_rows)
         elif fused_gemv_fits(x):
             y = fused_gemv(x, self.dequantized(layer).to(x.dtype))
         else:

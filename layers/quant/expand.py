@@ -4,7 +4,7 @@ A prompt chunk (or a large batch) is arithmetic-bound: there oneDNN's bfloat16 G
 with AVX512_BF16 dot products, runs ~2x float32's and well ahead of the int8 GEMVs, which
 multiply codes a few tokens at a time (the NF4 kernel 4x slower than bfloat16 at 512 tokens of
 the 1B shape; BENCHMARKS.md). So past EXPAND_MIN_TOKENS tokens `ifq` and `ifq_nf4` expand their
-rows to bfloat16 a tile at a time (`shardserve_kernels::int8_expand` / `nf4_expand`,
+rows to bfloat16 a tile at a time (`shardserve_kernels::int8_expand` / `nf4_blocks_expand`,
 expand.cpp: each value is the dequantized float32 weight cast to bfloat16), multiply the tile
 and reuse its buffer for the next: the weights are read once, in their own bytes, and no
 bfloat16 copy of a whole layer is ever held. The activations are rounded to bfloat16 and each
@@ -77,13 +77,6 @@ def expanded_matmul(
     return y
 
 
-def nf4_matmul(x: torch.Tensor, packed, scale, levels) -> torch.Tensor:
-    def expand(start: int, end: int, out: torch.Tensor) -> None:
-        torch.ops.shardserve_kernels.nf4_expand(packed[start:end], scale[start:end], levels, out)
-
-    return expanded_matmul(x, packed.shape[0], expand)
-
-
 def int8_matmul(x: torch.Tensor, qweight, scale) -> torch.Tensor:
     def expand(start: int, end: int, out: torch.Tensor) -> None:
         torch.ops.shardserve_kernels.int8_expand(qweight[start:end], scale[start:end], out)
@@ -92,7 +85,7 @@ def int8_matmul(x: torch.Tensor, qweight, scale) -> torch.Tensor:
 
 
 def nf4_blocks_matmul(x: torch.Tensor, blocks, scales, levels) -> torch.Tensor:
-    """As `nf4_matmul`, for the codes in blocks of 16 rows (layers/quant/nf4_blocks.cpp)."""
+    """x [M, K] @ W.T for NF4 codes in blocks of 16 rows (layers/quant/nf4_blocks.cpp)."""
 
     def expand(start: int, end: int, out: torch.Tensor) -> None:
         b0, b1 = start // 16, end // 16

@@ -5,11 +5,6 @@
 //     layers/quant/int8.py `_two_pass` computes it: each row of x rounded to int8 twice over
 //     (its value, then its rounding error, each on its own absmax / 127 grid), both multiplied
 //     with b in exact int32 sums, recombined in float32. One call: no glue ops around it.
-//   shardserve_kernels::nf4_linear(x, packed, scale, levels): x @ W.T for the NF4 weights of
-//     layers/quant/dequant.py (codes two per byte, low nibble first, a float32 absmax scale per
-//     group of 64 inputs), in bytes: levels rounded to int8, activations to int8 per group of
-//     64, multiplied with VNNI; any number of rows of x in groups of 8 while a row of codes
-//     stays in L1; AVX-512 VNNI only.
 // b (the weights) streams from memory once, row by row, each row one sequential read that the
 // hardware prefetcher follows; its K bytes stay in L1 while every row of a is multiplied in.
 // b's values must lie in [-127, 127] (symmetric int8, as `ifq` stores them): the AVX2 path
@@ -287,180 +282,6 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& b, const at::Tenso
   return y;
 }
 
-// -- NF4 -----------------------------------------------------------------------------------------
-// In bytes, as llama.cpp multiplies its 4-bit blocks. Each level is rounded once to an int8 step
-// of 1/127, so vpshufb turns 64 codes into 64 signed weight bytes with one register table. Each
-// token's inputs are rounded per group of 64 on the group's absmax / 127 grid, twice over (the
-// value, then its rounding error in 128ths of a step: ~15 bits in all, as the int8 kernel's two
-// passes), in the codes' order (even inputs, then odd: the low and the high nibbles). The
-// weights are VNNI's unsigned operand, offset by 128 in the table. Per group and token: two
-// vpdpbusd with a shift between them give 128 * (w . hi) + w . lo exactly, once the second
-// starts at the offset's share, -128 * (128 * sum(hi) + sum(lo)) over 16 lanes (per token and
-// group, computed with its codes). Then one conversion and one multiply-add with the weight's
-// scale times the token's, multiplied once per row.
-constexpr int64_t kNf4Group = 64;
-
-struct Nf4Tokens {  // the activations of up to 8 tokens, as the row loop reads them
-  const int8_t* hi;       // [M][K] codes, per group: the 32 even inputs, then the 32 odd ones
-  const int8_t* lo;       // [M][K] their rounding errors in 128ths of a step, same order
-  const int32_t* offset;  // [M][G]: -1024 * sum(hi) - 8 * sum(lo), a lane's share
-  const float* step;      // [M][G]: the group's absmax / 127
-};
-
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_nf4_tokens(
-    const float* x, int64_t K, int8_t* hi, int8_t* lo, int32_t* offset, float* step) {
-  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  // gathers even then odd inputs of 32 floats: index i < 16 -> 2i, i >= 16 -> 2(i - 16) + 1
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  const __m512 sub_steps = _mm512_set1_ps(128.0f);
-  for (int64_t g = 0; g < K / kNf4Group; ++g) {
-    const float* xg = x + g * kNf4Group;
-    __m512 v[4];
-    __m512 vmax = _mm512_setzero_ps();
-    for (int q = 0; q < 4; ++q) {
-      v[q] = _mm512_loadu_ps(xg + 16 * q);
-      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v[q]));
-    }
-    const float s = std::max(_mm512_reduce_max_ps(vmax), kTiny) / kQmax;
-    step[g] = s;
-    const __m512 inv = _mm512_set1_ps(1.0f / s);
-    // the group's inputs 0-31 and 32-63, each split into even and odd
-    const __m512 parts[4] = {_mm512_permutex2var_ps(v[0], even, v[1]),
-                             _mm512_permutex2var_ps(v[2], even, v[3]),
-                             _mm512_permutex2var_ps(v[0], odd, v[1]),
-                             _mm512_permutex2var_ps(v[2], odd, v[3])};
-    __m512i sums = _mm512_setzero_si512();  // 128 * hi + lo, summed
-    for (int q = 0; q < 4; ++q) {
-      const __m512 u = _mm512_mul_ps(parts[q], inv);
-      const __m512 h = _mm512_roundscale_ps(u, kRound);  // |u| <= 127
-      const __m512i hc = _mm512_cvtps_epi32(h);
-      const __m512i lc = _mm512_cvtps_epi32(  // |u - h| <= 1/2: within [-64, 64]
-          _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(u, h), sub_steps), kRound));
-      sums = _mm512_add_epi32(sums, _mm512_add_epi32(_mm512_slli_epi32(hc, 7), lc));
-      const int64_t at = g * kNf4Group + 16 * q;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm512_cvtsepi32_epi8(hc));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm512_cvtsepi32_epi8(lc));
-    }
-    offset[g] = -8 * _mm512_reduce_add_epi32(sums);
-  }
-}
-
-// One group of 64 weights (bytes offset by 128) against M tokens, into sums[m].
-template <int M>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) inline void nf4_group(
-    const Nf4Tokens& t, __m512i w, const float* scales, __m512* sums, int64_t g, int64_t K,
-    int64_t G) {
-  for (int m = 0; m < M; ++m) {
-    const int64_t at = m * K + g * kNf4Group;
-    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(t.hi + at));
-    dot = _mm512_add_epi32(_mm512_slli_epi32(dot, 7), _mm512_set1_epi32(t.offset[m * G + g]));
-    dot = _mm512_dpbusd_epi32(dot, w, _mm512_loadu_si512(t.lo + at));
-    // |lane| < 2^24: the conversion is exact
-    sums[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(scales[m * G + g]), sums[m]);
-  }
-}
-
-template <int M>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void row_nf4(
-    const Nf4Tokens& t, const uint8_t* packed, const float* wscale, const uint8_t* lut,
-    float* scales, float* y, int64_t K, int64_t N) {
-  const int64_t G = K / kNf4Group;
-  const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut)));
-  for (int m = 0; m < M; ++m)  // per group: the weight's scale times each token's
-    for (int64_t g = 0; g < G; g += 16) {
-      const __mmask16 mask = G - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g)) - 1);
-      const __m512 s = _mm512_mul_ps(  // levels in steps of 1/127, sums in 128ths of a step
-          _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, wscale + g),
-                        _mm512_set1_ps(1.0f / (kQmax * 128.0f))),
-          _mm512_maskz_loadu_ps(mask, t.step + m * G + g));
-      _mm512_mask_storeu_ps(scales + m * G + g, mask, s);
-    }
-  // two sums per token, one per group of a pair: each multiply-add waits on the last otherwise
-  __m512 total[2][M];
-  for (int m = 0; m < M; ++m) total[0][m] = total[1][m] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  int64_t g = 0;
-  for (; g + 2 <= G; g += 2) {  // 64 bytes: two groups' codes
-    const __m512i bytes = _mm512_loadu_si512(packed + 32 * g);
-    const __m512i lo = _mm512_and_si512(bytes, low);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
-    // group g: its 32 low nibbles, then its 32 high ones; group g + 1 likewise
-    nf4_group<M>(t, _mm512_shuffle_epi8(table, _mm512_shuffle_i64x2(lo, hi, 0x44)), scales,
-                 total[0], g, K, G);
-    nf4_group<M>(t, _mm512_shuffle_epi8(table, _mm512_shuffle_i64x2(lo, hi, 0xEE)), scales,
-                 total[1], g + 1, K, G);
-  }
-  if (g < G) {
-    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 32 * g));
-    const __m256i lo = _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F));
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), _mm256_set1_epi8(0x0F));
-    nf4_group<M>(t,
-                 _mm512_shuffle_epi8(table, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)),
-                 scales, total[0], g, K, G);
-  }
-  for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(total[0][m], total[1][m]));
-}
-
-using Nf4Fn = void (*)(const Nf4Tokens&, const uint8_t*, const float*, const uint8_t*, float*,
-                       float*, int64_t, int64_t);
-
-Nf4Fn pick_nf4(int64_t rows) {
-  switch (rows) {
-    case 1: return row_nf4<1>;
-    case 2: return row_nf4<2>;
-    case 3: return row_nf4<3>;
-    case 4: return row_nf4<4>;
-    case 5: return row_nf4<5>;
-    case 6: return row_nf4<6>;
-    case 7: return row_nf4<7>;
-    default: return row_nf4<8>;
-  }
-}
-
-at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                      const at::Tensor& levels) {
-  TORCH_CHECK(supported(kAvx512Vnni), "nf4_linear: needs AVX-512 VNNI");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && packed.scalar_type() == at::kByte &&
-                  scale.scalar_type() == at::kFloat && levels.scalar_type() == at::kFloat &&
-                  levels.numel() == 16,
-              "nf4_linear: float32 x, uint8 packed codes, float32 scales and 16 levels");
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), G = K / kNf4Group;
-  TORCH_CHECK(x.dim() == 2 && K % kNf4Group == 0 && packed.size(1) * 2 == K &&
-                  scale.size(0) == N && scale.size(1) == G,
-              "nf4_linear: x [M, K], packed [N, K / 2], scale [N, K / 64]");
-  const at::Tensor xc = x.contiguous(), pc = packed.contiguous(), sc = scale.contiguous();
-  const at::Tensor lc = levels.contiguous();
-  std::vector<int8_t> hi(M * K), lo(M * K);
-  std::vector<int32_t> offset(M * G);
-  std::vector<float> step(M * G);
-  const float* xp = xc.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    quantize_nf4_tokens(xp + m * K, K, hi.data() + m * K, lo.data() + m * K,
-                        offset.data() + m * G, step.data() + m * G);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const uint8_t* pp = pc.data_ptr<uint8_t>();
-  const float* sp = sc.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // vector arguments stay inside the AVX-512 functions (their ABI differs): the table as bytes
-  uint8_t lut[16];
-  for (int i = 0; i < 16; ++i)
-    lut[i] = uint8_t(int(std::nearbyint(lc.data_ptr<float>()[i] * kQmax)) + 128);
-  const Nf4Fn full = pick_nf4(8), rest = pick_nf4(M % 8);
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K / 2, 1));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    std::vector<float> scales(8 * G);  // per task: the row's scales times the tokens'
-    for (int64_t n = n0; n < n1; ++n)  // the row's codes stay in L1 for every group of tokens
-      for (int64_t m0 = 0; m0 < M; m0 += 8) {
-        const Nf4Tokens t{hi.data() + m0 * K, lo.data() + m0 * K, offset.data() + m0 * G,
-                          step.data() + m0 * G};
-        (M - m0 >= 8 ? full : rest)(t, pp + n * (K / 2), sp + n * G, lut, scales.data(),
-                                     yp + m0 * N + n, K, N);
-      }
-  });
-  return y;
-}
-
 at::Tensor int8_mm(const at::Tensor& a, const at::Tensor& b, int64_t isa) {
   TORCH_CHECK(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar,
               "int8_mm: int8 operands");
@@ -497,12 +318,10 @@ TORCH_LIBRARY(shardserve_kernels, m) {
   // isa: 0 the best this CPU has, 1 AVX2, 2 AVX-512 VNNI (tests run each)
   m.def("int8_mm(Tensor a, Tensor b, int isa=0) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor b, Tensor scale, int isa=0) -> Tensor");
-  m.def("nf4_linear(Tensor x, Tensor packed, Tensor scale, Tensor levels) -> Tensor");
   m.def("int8_mm_isa() -> int", []() -> int64_t { return best_isa(); });
 }
 
 TORCH_LIBRARY_IMPL(shardserve_kernels, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int8_linear", &int8_linear);
-  m.impl("nf4_linear", &nf4_linear);
 }

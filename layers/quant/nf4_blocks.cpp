@@ -3,13 +3,15 @@
 //     x float32 [M, K]; blocks uint8 [N / 16, K / 64, 8, 16, 4]: for each 16 rows and
 //     group of 64 inputs, 8 runs of 64 bytes; byte (r, b) of run k holds row r's codes of
 //     inputs 8k + b (low nibble) and 8k + 4 + b (high nibble); scales float32 [N / 16, K / 64,
-//     16], the rows' group scales; levels the 16 NF4 levels (layers/quant/dequant.py keeps
-//     both layouts' meaning: `nf4_blocks` is a permutation of `nf4_packed`).
-// The arithmetic is gemv.cpp's nf4_linear exactly (levels rounded to int8 steps of 1/127, each
-// token's inputs rounded per group of 64 twice over, exact integer sums), laid out so that each
-// vpdpbusd lane is one output row: per 64 bytes of codes one vpshufb pair and four vpdpbusd per
-// token, and one conversion and multiply-add per group for 16 rows at once, where nf4_linear
-// spends one per group and row (it ran at 7-10 GB/s a core, bound by that arithmetic).
+//     16], the rows' group scales; levels the 16 NF4 levels (layers/quant/dequant.py: `to_blocks`
+//     lays codes out so, `nf4_codes` back).
+// In bytes, as llama.cpp multiplies its 4-bit blocks: levels rounded to int8 steps of 1/127 (one
+// vpshufb turns 64 codes into weight bytes), each token's inputs rounded per group of 64 twice
+// over (the value, then its rounding error in 128ths of a step: ~15 bits in all), exact integer
+// sums. Laid out so that each vpdpbusd lane is one output row: per 64 bytes of codes one vpshufb
+// pair and four vpdpbusd per token, and one conversion and multiply-add per group for 16 rows at
+// once, where a row-by-row kernel spends one per group and row (it ran at 7-10 GB/s a core,
+// bound by that arithmetic).
 // AVX-512 VNNI; built with gemv.cpp by shards/kernels.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -31,7 +31,7 @@ test: venv
 	$(PY) -m pytest -q tests integration
 
 lint: venv
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
 
 bench-engine: venv
 	$(VENV)/bin/shardserve bench-engine

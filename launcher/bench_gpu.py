@@ -135,18 +135,15 @@ def copy_bandwidth() -> float:
 
 
 def _mode(args, model_path: str, mode: str, bandwidth: float, graphs: bool) -> dict:
-    from shards.wire import ShardSpec
+    from launcher.plan import config_with, shard_spec
 
-    spec = ShardSpec(
-        model_path=model_path,
-        device="cuda",
+    c = config_with(
         dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.prompt_len + args.max_tokens + 64,
         max_num_batched_tokens=max(args.batches) * args.prompt_len,
-        quantization=mode,
-        progress=False,
     )
+    max_len = args.prompt_len + args.max_tokens + 64
+    spec = shard_spec(c, model_path, mode, max_len, device="cuda", progress=False)
     worker, engine = gpu_engine(spec, max_num_seqs=max(args.batches), cuda_graphs=graphs)
     rng = random.Random(0)
     vocab = worker.cfg.vocab_size

@@ -11,13 +11,15 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from launcher import plan
+from launcher.config import Config
+from launcher.plan import config_with
 from router.block_allocator import BlockAllocator
 from router.engine_core import EngineCore
 from router.lookahead import Drafter
 from router.ngrams import TokenKeys
 from router.params import GenerationParams
 from router.scheduler import Scheduler, SchedulerConfig
-from shards.wire import ShardSpec
 
 GiB = 2**30
 
@@ -44,61 +46,80 @@ class LLM:
         self,
         model: str | None = None,
         *,
+        config: Config | None = None,
         dtype: str | None = None,
         max_model_len: int | None = None,
         max_num_batched_tokens: int | None = None,
-        max_num_seqs: int = 256,
-        block_size: int = 16,
-        kv_cache_memory: int = 2 * GiB,
-        enable_prefix_caching: bool = True,
+        max_num_seqs: int | None = None,
+        block_size: int | None = None,
+        kv_cache_memory: int | None = None,
+        enable_prefix_caching: bool | None = None,
         seed: int | None = None,
+        quantization: str | None = None,
+        use_lookahead: bool | None = None,
+        num_speculative_tokens: int | None = None,
+        enforce_eager: bool | None = None,
+        gpu_memory_utilization: float | None = None,
+        cpu_compile: bool | None = None,
         shard_process: bool = False,
         load_tokenizer: bool = True,
         progress: bool = False,
         num_threads: int | None = None,
         tensor_parallel_size: int = 1,
-        quantization: str = "none",
         fast_kernels: bool = True,
-        use_lookahead: bool = False,
-        num_speculative_tokens: int = 8,
         device: str = "cpu",
-        enforce_eager: bool = True,
-        gpu_memory_utilization: float = 0.9,
-        cpu_compile: bool = True,
         cpu_kernels: bool = True,
     ) -> None:
-        """cpu_compile: on CPU, compile decode steps at start-up (about a minute the first time
-        on two cores, seconds once torch's compile cache holds them): several times faster
-        single-stream decoding with `quantization="ifq"` (BENCHMARKS.md). cpu_kernels=False: torch's
-        own int8 paths instead of the hand-written GEMV (shards/kernels.py)."""
+        """The settings a server takes are `config`'s (default: `Config()`, the server's own
+        defaults), each keyword from `dtype` to `cpu_compile` overriding its field when given;
+        the shard and the scheduler are derived from them as the server derives its own
+        (launcher/plan.py). cpu_compile: on CPU, compile decode steps at start-up (about a
+        minute the first time on two cores, seconds once torch's compile cache holds them).
+        cpu_kernels=False: torch's own int8 paths instead of the hand-written GEMV
+        (shards/kernels.py)."""
+        c = config_with(
+            config,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            block_size=block_size,
+            kv_cache_memory=kv_cache_memory,
+            enable_prefix_caching=enable_prefix_caching,
+            seed=seed,
+            quantization=quantization,
+            use_lookahead=use_lookahead,
+            num_speculative_tokens=num_speculative_tokens,
+            enforce_eager=enforce_eager,
+            gpu_memory_utilization=gpu_memory_utilization,
+            cpu_compile=cpu_compile,
+        )
+        self.config = c
         if model is None:
             from launcher.embedded import ensure_embedded_model
 
             model = str(ensure_embedded_model())
         self.model_path = model
+        quantization = c.quantization
         if quantization == "auto":
             from launcher.serve import resolve_quantization
 
             quantization = resolve_quantization(quantization, model, "cpu")
-        spec = ShardSpec(
-            model_path=model,
-            dtype=dtype,
-            block_size=block_size,
-            kv_cache_memory=kv_cache_memory,
-            max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens or 2048,
-            seed=seed,
-            progress=progress,
+        from shards.model_config import load_model_config
+
+        cfg = load_model_config(model)
+        max_len = plan.max_model_len(c, cfg)
+        spec = plan.shard_spec(
+            c,
+            model,
+            quantization,
+            max_len,
+            device=device,
             num_threads=num_threads,
             world_size=tensor_parallel_size,
-            quantization=quantization,
+            progress=progress,
             fast_kernels=fast_kernels,
-            device=device,
-            enforce_eager=enforce_eager,
-            gpu_memory_utilization=gpu_memory_utilization,
-            cpu_compile=cpu_compile,
             cpu_kernels=cpu_kernels,
-            lookahead=use_lookahead,
         )
         if shard_process or tensor_parallel_size > 1:  # ranks are always processes
             from launcher.shard_process import ShardProcess
@@ -112,26 +133,24 @@ class LLM:
             self.worker = self.shard = Worker(spec)
             info = self.worker.info()
         self.info = info
-        from shards.model_config import load_model_config
-
-        cfg = load_model_config(model)
         self.tokenizer = None
         if load_tokenizer:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(model)
-        keys = None
-        if use_lookahead and self.tokenizer is not None:
-            keys = TokenKeys.from_tokenizer(self.tokenizer)
+        drafter = None
+        if c.use_lookahead:
+            keys = TokenKeys.from_tokenizer(self.tokenizer) if self.tokenizer is not None else None
+            drafter = Drafter.for_shard(c.num_speculative_tokens, info, keys)
         self.scheduler = Scheduler(
             SchedulerConfig(
-                max_num_batched_tokens=max_num_batched_tokens or max(info.max_model_len, 2048),
-                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=spec.max_num_batched_tokens,
+                max_num_seqs=c.max_num_seqs,
                 max_model_len=info.max_model_len,
                 eos_token_ids=cfg.eos_token_ids,
             ),
-            BlockAllocator(info.num_blocks, info.block_size, enable_prefix_caching),
-            Drafter.for_shard(num_speculative_tokens, info, keys) if use_lookahead else None,
+            BlockAllocator(info.num_blocks, info.block_size, c.enable_prefix_caching),
+            drafter,
         )
         self.engine = EngineCore(self.scheduler, self.shard)
         self._request_ids = itertools.count()

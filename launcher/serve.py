@@ -14,6 +14,7 @@ import orjson
 from launcher.config import Config, ConfigError, load_config
 from launcher.groups import group_specs, shard_argv, socket_path
 from launcher.model_resolution import ResolvedModel, resolve_model
+from launcher.plan import max_model_len, router_settings, shard_spec
 from launcher.processes import Child, Supervisor, spawn, stop_all
 from layers.parallel import ShardingError
 from layers.quant.smoothquant import SMOOTHQUANT_FILE
@@ -128,17 +129,6 @@ def _check_nf4_groups(cfg, tp: int) -> None:
         )
 
 
-def _max_model_len(c: Config, model: ResolvedModel) -> int:
-    native = model.config.max_position_embeddings
-    if c.max_model_len is None:
-        return native
-    if c.max_model_len > native and model.config.rope_scaling is None:
-        raise ConfigError(
-            f"--max-model-len {c.max_model_len} exceeds the model's context of {native} tokens"
-        )
-    return c.max_model_len
-
-
 def _device() -> tuple[str, int]:
     import torch
 
@@ -184,24 +174,8 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
     if quantization == "smoothquant":
         check_smoothquant_file(model.path, model.config)
     tp = tensor_parallel_size(c, model, device, gpus)
-    max_len = _max_model_len(c, model)
-    batched = c.max_num_batched_tokens or max(max_len, 2048)
-    base = ShardSpec(
-        model_path=model.path,
-        device=device,
-        dtype=c.dtype,
-        block_size=c.block_size,
-        kv_cache_memory=c.kv_cache_memory,
-        gpu_memory_utilization=c.gpu_memory_utilization,
-        max_model_len=max_len,
-        max_num_batched_tokens=batched,
-        seed=c.seed,
-        quantization=quantization,
-        collective_timeout_s=c.collective_timeout,
-        enforce_eager=c.enforce_eager,
-        cpu_compile=c.cpu_compile,
-        lookahead=c.use_lookahead,
-    )
+    max_len = max_model_len(c, model.config)
+    base = shard_spec(c, model.path, quantization, max_len, device=device)
     groups = [
         group_specs(
             base,
@@ -217,33 +191,8 @@ def plan_processes(c: Config, model: ResolvedModel, socket_dir: str) -> ProcessP
     ]
     if c.node_rank > 0:
         return ProcessPlan(groups, None)
-    settings = RouterSettings(
-        model_path=model.path,
-        model_name=model.name,
-        shard_sockets=tuple(socket_path(socket_dir, g) for g in range(c.worker_num)),
-        conv_template=c.conv_template,
-        trust_remote_code=c.trust_remote_code,
-        api_keys=c.api_keys,
-        host=c.host,
-        port=c.port,
-        max_concurrency=c.limit_worker_concurrency,
-        max_num_batched_tokens=batched,
-        max_num_seqs=c.max_num_seqs,
-        enable_prefix_caching=c.enable_prefix_caching,
-        quantization=quantization,
-        quality_check=c.quality_check,
-        use_lookahead=c.use_lookahead,
-        num_speculative_tokens=c.num_speculative_tokens,
-        max_waiting_requests=c.max_waiting_requests,
-        max_waiting_tokens=c.max_waiting_tokens,
-        stuck_step_timeout=c.stuck_step_timeout,
-        shutdown_timeout=c.shutdown_timeout,
-        request_timeout=c.request_timeout,
-        queue_timeout=c.queue_timeout,
-        scheduler=c.scheduler,
-        max_batch_size=c.max_batch_size,
-        batch_wait_timeout=c.batch_wait_timeout,
-    )
+    sockets = tuple(socket_path(socket_dir, g) for g in range(c.worker_num))
+    settings = router_settings(c, model.path, model.name, sockets, quantization, max_len)
     return ProcessPlan(groups, settings)
 
 

@@ -132,29 +132,31 @@ class StepResult:
 
 @dataclass(frozen=True, slots=True)
 class ShardSpec:
-    """Everything a shard needs to load its model and size its cache."""
+    """Everything a shard needs to load its model and size its cache. What a `Config` sets
+    has no default here: launcher/plan.py derives it (`shard_spec`)."""
 
     model_path: str
+    dtype: str | None  # None: shards/dtypes.py's default; "auto": the checkpoint's
+    block_size: int
+    kv_cache_memory: int  # bytes, CPU only
+    gpu_memory_utilization: float
+    max_model_len: int | None
+    max_num_batched_tokens: int
+    seed: int | None
+    quantization: str
+    enforce_eager: bool  # False: decode steps replay as CUDA graphs where they can
+    cpu_compile: bool  # decode steps run torch.compile'd on CPU where they can
+    lookahead: bool  # the router drafts trees: compile steps that verify them too
+    master_addr: str  # the group's rendezvous, when world_size > 1
+    master_port: int
+    collective_timeout_s: float
+    # set per machine and rank by the launcher, or turned by tests and benchmarks
     device: str = "cpu"  # "cpu" or "cuda"
-    dtype: str | None = None  # None: shards/dtypes.py's default; "auto": the checkpoint's
-    block_size: int = 16
-    kv_cache_memory: int = 2 * 2**30  # bytes, CPU only
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None
-    max_num_batched_tokens: int = 2048
-    seed: int | None = None
-    quantization: str = "none"
     fast_kernels: bool = True  # False: only the plain-torch reference paths (tests)
     cpu_kernels: bool = True  # the hand-written CPU kernels (shards/kernels.py), where built
-    enforce_eager: bool = True  # False: decode steps replay as CUDA graphs where they can
-    cpu_compile: bool = False  # decode steps run torch.compile'd on CPU where they can
-    lookahead: bool = False  # the router drafts trees: compile steps that verify them too
     rank: int = 0
     world_size: int = 1
     group_index: int = 0  # which worker group (WORKER_NUM), for messages
-    master_addr: str = "127.0.0.1"  # the group's rendezvous, when world_size > 1
-    master_port: int = 0
-    collective_timeout_s: float = 120.0
     num_threads: int | None = None
     progress: bool = True
 

@@ -169,3 +169,78 @@ def test_operations_flags_are_checked():
         load_config(["--shutdown-timeout", "-2"], {})
     c = load_config([], {"MAX_WAITING_TOKENS": "0", "SHUTDOWN_TIMEOUT": "5"})
     assert (c.max_waiting_tokens, c.shutdown_timeout) == (0, 5.0)
+
+
+# Derived settings whose names differ from the Config field they come from.
+_RENAMED = {
+    "ShardSpec": {"lookahead": "use_lookahead", "collective_timeout_s": "collective_timeout"},
+    "RouterSettings": {"max_concurrency": "limit_worker_concurrency"},
+}
+
+
+def _config_fields(cls) -> dict[str, str]:
+    """cls's fields that a Config field sets -> that field's name."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(Config)}
+    renamed = _RENAMED[cls.__name__]
+    out = {f.name: renamed.get(f.name, f.name) for f in dataclasses.fields(cls)}
+    return {k: v for k, v in out.items() if v in names and k != "model_path"}
+
+
+def _classes():
+    from router.settings import RouterSettings
+    from shards.wire import ShardSpec
+
+    return [ShardSpec, RouterSettings]
+
+
+@pytest.mark.parametrize("cls", _classes(), ids=lambda c: c.__name__)
+def test_derived_settings_hold_no_default_of_what_config_sets(cls):
+    """Config is the one place a default lives (launcher/plan.py derives the rest): a default
+    added to a derived field alone would drift from Config's."""
+    import dataclasses
+
+    mapped = _config_fields(cls)
+    assert len(mapped) >= 10, mapped  # the mapping itself still finds the fields
+    with_default = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name in mapped
+        and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
+    ]
+    assert not with_default, f"{cls.__name__} has defaults of its own for {with_default}"
+
+
+def test_plan_derives_every_setting_from_config():
+    from launcher.plan import router_settings, shard_spec
+
+    c = Config(cpu_compile=False, max_num_seqs=7, port=9001, use_lookahead=True)
+    spec = shard_spec(c, "m", "ifq", 4096)
+    settings = router_settings(c, "m", "name", ("s",), "ifq", 4096)
+    for obj in (spec, settings):
+        for field, source in _config_fields(type(obj)).items():
+            want = getattr(c, source)
+            if field in ("quantization",):
+                want = "ifq"  # as resolved
+            elif field == "max_num_batched_tokens":
+                want = 4096  # Config's None: max(context, 2048)
+            elif field == "max_model_len":
+                want = 4096
+            elif field == "master_port":
+                want = 0  # Config's None: chosen per group
+            assert getattr(obj, field) == want, (type(obj).__name__, field)
+
+
+def test_the_offline_api_takes_config_defaults():
+    """LLM's keywords that name a Config field default to None, meaning Config's value."""
+    import dataclasses
+    import inspect
+
+    from launcher.llm import LLM
+
+    names = {f.name for f in dataclasses.fields(Config)}
+    params = inspect.signature(LLM.__init__).parameters
+    own = [n for n, p in params.items() if n in names and p.default is not None]
+    assert not own, f"LLM has defaults of its own for {own}"
+    assert "config" in params

@@ -46,6 +46,13 @@ def test_cuda_without_flash_attn_falls_back_to_sdpa_and_says_why(dtype, why, cap
     assert [r.getMessage() for r in caplog.records] == [f"attention on cuda: torch SDPA ({why})"]
 
 
+def _cuda_spec(folder):
+    from launcher.plan import config_with, shard_spec
+
+    c = config_with(dtype="float32", gpu_memory_utilization=UTIL)
+    return shard_spec(c, str(folder), "none", None, device="cuda", progress=False)
+
+
 def _tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(3, vocab) for _ in range(n)]
@@ -113,13 +120,10 @@ def test_bfloat16_logits_are_as_close_to_float32_as_transformers_bfloat16(family
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_greedy_generation_through_the_engine_matches_transformers(family, tmp_path):
     from launcher.bench_gpu import gpu_engine
-    from shards.wire import ShardSpec
 
     hf = build_hf_model(tiny_config(family))
     folder = save_checkpoint(hf, tmp_path / family)
-    spec = ShardSpec(
-        str(folder), device="cuda", dtype="float32", gpu_memory_utilization=UTIL, progress=False
-    )
+    spec = _cuda_spec(folder)
     prompts = [_tokens(n, hf.config.vocab_size, seed=n) for n in (5, 23, 40)]
     ours = _generate(gpu_engine(spec)[1], prompts, 24)  # one batch: prefills, then decodes
     hf = hf.to("cuda")
@@ -220,12 +224,9 @@ def test_quantized_model_on_cuda_matches_the_cpu_reference_path(mode, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_cuda_graph_decode_matches_eager(family, tmp_path):
     from launcher.bench_gpu import gpu_engine
-    from shards.wire import ShardSpec
 
     folder = save_checkpoint(build_hf_model(tiny_config(family)), tmp_path / family)
-    spec = ShardSpec(
-        str(folder), device="cuda", dtype="float32", gpu_memory_utilization=UTIL, progress=False
-    )
+    spec = _cuda_spec(folder)
     # Three sequences pad to a graph of four; the longest grows from 2 to 3 blocks of 16, from
     # the graphs 2 blocks wide to those 4 wide.
     prompts = [_tokens(n, 160, seed=n) for n in (5, 12, 20)]

@@ -11,7 +11,6 @@ import torch
 from launcher.groups import cpu_threads, group_specs
 from layers.parallel import ShardingError
 from shards.model_config import check_tensor_parallel, model_config_from_dict
-from shards.wire import ShardSpec
 from tests.tiny import build_hf_model, make_worker, our_logits, save_checkpoint, tiny_config
 from tests.tp_helpers import all_reduce_results, tp_logits
 
@@ -129,8 +128,15 @@ def test_tp_that_divides_or_replicates_is_accepted(tp):
     check_tensor_parallel(_cfg(), tp)  # 4 KV heads: split at 2 and 4, replicated at 8
 
 
+def _spec(**local):
+    from launcher.config import Config
+    from launcher.plan import shard_spec
+
+    return shard_spec(Config(), "m", "none", None, **local)
+
+
 def test_group_layout_on_gpus():
-    base = ShardSpec(model_path="m", device="cuda")
+    base = _spec(device="cuda")
     specs = group_specs(base, 2, group_index=1, num_groups=2, master_port=29500)
     assert [(s.rank, s.world_size, s.device) for s in specs] == [(0, 2, "cuda:2"), (1, 2, "cuda:3")]
     assert {s.master_port for s in specs} == {29500}
@@ -138,7 +144,7 @@ def test_group_layout_on_gpus():
 
 
 def test_group_layout_across_nodes():
-    base = ShardSpec(model_path="m", device="cuda")
+    base = _spec(device="cuda")
     specs = group_specs(base, 4, master_port=29500, nnodes=2, node_rank=1)
     assert [(s.rank, s.device) for s in specs] == [(2, "cuda:0"), (3, "cuda:1")]
 
@@ -148,7 +154,7 @@ def test_cpu_ranks_share_the_cores(monkeypatch):
     assert cpu_threads(1) is None
     assert cpu_threads(2) == 4
     assert cpu_threads(16) == 1
-    specs = group_specs(ShardSpec(model_path="m"), 2, num_groups=2)
+    specs = group_specs(_spec(), 2, num_groups=2)
     assert [s.num_threads for s in specs] == [2, 2]
     assert specs[0].master_port == specs[1].master_port > 0
 

@@ -3,6 +3,7 @@ both transformers and our runner for the same token sequence."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from shards.wire import ScheduledSeq, ShardSpec, StepPlan
+from shards.wire import ScheduledSeq, StepPlan
 
 KIB = 1024
 
@@ -133,18 +134,14 @@ def save_checkpoint(model, folder: Path, fmt: str = "safetensors") -> Path:
 def make_worker(
     folder, block_size: int = 4, kv_kib: int = 512, max_model_len: int | None = None, **kw
 ):
+    from launcher.plan import config_with, shard_spec
     from shards.worker import Worker
 
     kw.setdefault("dtype", "float32")  # compared with transformers in float32
-    spec = ShardSpec(
-        model_path=str(folder),
-        block_size=block_size,
-        kv_cache_memory=kv_kib * KIB,
-        max_model_len=max_model_len,
-        progress=False,
-        **kw,
-    )
-    return Worker(spec)
+    kw.setdefault("cpu_compile", False)  # compiled decode steps where a test asks for them
+    c = config_with(block_size=block_size, kv_cache_memory=kv_kib * KIB)
+    spec = shard_spec(c, str(folder), "none", max_model_len, progress=False)
+    return Worker(dataclasses.replace(spec, **kw))  # ShardSpec's own field names
 
 
 @torch.inference_mode()

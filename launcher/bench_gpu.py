@@ -44,22 +44,23 @@ def build_random_checkpoint(folder: str, dtype: str = "bfloat16", shape: str = "
 
 
 def gpu_engine(spec, max_num_seqs: int = 256, cuda_graphs: bool = False):
-    """A shard in this process and the engine that drives it, as the offline API builds them."""
-    from router.block_allocator import BlockAllocator
+    """A shard in this process and the engine that drives it, with the server's scheduler (the
+    prefix cache off: every timed prompt runs in full)."""
+    from launcher.plan import config_with, router_settings
+    from router.assembly import build_scheduler
     from router.engine_core import EngineCore
-    from router.scheduler import Scheduler, SchedulerConfig
     from shards.worker import Worker
 
     worker = Worker(spec, cuda_graphs=cuda_graphs)
     info = worker.info()
-    config = SchedulerConfig(
-        max_num_batched_tokens=spec.max_num_batched_tokens,
+    c = config_with(
         max_num_seqs=max_num_seqs,
-        max_model_len=info.max_model_len,
-        eos_token_ids=info.eos_token_ids,
+        max_num_batched_tokens=spec.max_num_batched_tokens,
+        enable_prefix_caching=False,
     )
-    allocator = BlockAllocator(info.num_blocks, info.block_size, enable_prefix_caching=False)
-    return worker, EngineCore(Scheduler(config, allocator), worker)
+    max_len = info.max_model_len
+    settings = router_settings(c, spec.model_path, "bench", (), spec.quantization, max_len)
+    return worker, EngineCore(build_scheduler(settings, info, None), worker)
 
 
 def add_greedy(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> None:

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import time
 from dataclasses import dataclass, field
 
 from launcher import plan
 from launcher.config import Config
 from launcher.plan import config_with
-from router.block_allocator import BlockAllocator
+from router.assembly import build_scheduler, build_template
 from router.engine_core import EngineCore
-from router.lookahead import Drafter
 from router.ngrams import TokenKeys
 from router.params import GenerationParams
-from router.scheduler import Scheduler, SchedulerConfig
+from router.tokenizer import load_tokenizer as load_tokenizer_of
 
 GiB = 2**30
 
@@ -135,31 +135,22 @@ class LLM:
         self.info = info
         self.tokenizer = None
         if load_tokenizer:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-        drafter = None
-        if c.use_lookahead:
-            keys = TokenKeys.from_tokenizer(self.tokenizer) if self.tokenizer is not None else None
-            drafter = Drafter.for_shard(c.num_speculative_tokens, info, keys)
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_batched_tokens=spec.max_num_batched_tokens,
-                max_num_seqs=c.max_num_seqs,
-                max_model_len=info.max_model_len,
-                eos_token_ids=cfg.eos_token_ids,
-            ),
-            BlockAllocator(info.num_blocks, info.block_size, c.enable_prefix_caching),
-            drafter,
-        )
+            self.tokenizer = load_tokenizer_of(model, c.trust_remote_code)
+        keys = None
+        if c.use_lookahead and self.tokenizer is not None:
+            keys = TokenKeys.from_tokenizer(self.tokenizer)
+        name = os.path.basename(os.path.normpath(model))
+        settings = plan.router_settings(c, model, name, (), quantization, info.max_model_len)
+        self.scheduler = build_scheduler(settings, info, keys)
+        self.template = None  # as the server chooses it: CONV_TEMPLATE, tokenizer, family
+        if self.tokenizer is not None:
+            self.template = build_template(settings, self.tokenizer, info.eos_token_ids)
         self.engine = EngineCore(self.scheduler, self.shard)
         self._request_ids = itertools.count()
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
-        )
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        """The prompt ids of a chat, rendered as the server renders it."""
+        return self.template.render(messages)
 
     def generate(
         self,

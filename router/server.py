@@ -25,19 +25,14 @@ import orjson
 import uvicorn
 
 from router.app import Router, create_app
-from router.block_allocator import BlockAllocator
+from router.assembly import build_scheduler, build_template
 from router.completions import ServingContext
-from router.dynamic_batching import DynamicBatchScheduler
 from router.engine import AsyncEngine
-from router.lookahead import Drafter
 from router.metrics import Metrics
 from router.ngrams import TokenKeys
 from router.pool import EnginePool
-from router.scheduler import Scheduler, SchedulerConfig
 from router.settings import SETTINGS_ENV, RouterSettings
 from router.shard_client import AsyncShardClient
-from router.template_choice import choose_template
-from router.templates import ChatTemplate
 from router.tokenizer import load_tokenizer
 from shards import logs
 from shards.wire import DRAIN_SIGNAL, STOP_SIGNAL, leave_stop_signals_to_launcher
@@ -45,52 +40,17 @@ from shards.wire import DRAIN_SIGNAL, STOP_SIGNAL, leave_stop_signals_to_launche
 log = logging.getLogger("shardserve.router")
 
 
-def _scheduler(s: RouterSettings, info, keys: TokenKeys | None) -> Scheduler:
-    config = SchedulerConfig(
-        max_num_batched_tokens=s.max_num_batched_tokens,
-        max_num_seqs=s.max_num_seqs,
-        max_model_len=info.max_model_len,
-        eos_token_ids=info.eos_token_ids,
-        watermark_blocks=max(1, info.num_blocks // 100),
-    )
-    allocator = BlockAllocator(info.num_blocks, info.block_size, s.enable_prefix_caching)
-    if s.scheduler == "dynamic-batching":
-        return DynamicBatchScheduler(config, allocator, s.max_batch_size, s.batch_wait_timeout)
-    drafter = None
-    if s.use_lookahead:
-        drafter = Drafter.for_shard(s.num_speculative_tokens, info, keys)
-    return Scheduler(config, allocator, drafter)
-
-
-def _template(s: RouterSettings, tokenizer, eos_token_ids: tuple[int, ...]) -> ChatTemplate:
-    choice = choose_template(s.conv_template, tokenizer, s.model_path)
-    if choice.name is None:
-        log.warning(
-            "no conversation template: %s; chat requests are refused until CONV_TEMPLATE names "
-            "one, /v1/completions serves",
-            choice.reason,
-        )
-        return ChatTemplate.without_format(tokenizer, eos_token_ids, choice.reason)
-    named = None if choice.name == "tokenizer" else choice.name
-    template = ChatTemplate.create(named, tokenizer, eos_token_ids)
-    log.info("conversation template %s: %s", template.name, choice.reason)
-    mismatch = template.probe_mismatch()
-    if mismatch:
-        log.warning("%s: check CONV_TEMPLATE matches this model", mismatch)
-    return template
-
-
 async def build_context(s: RouterSettings, metrics: Metrics | None = None) -> ServingContext:
     shards = await asyncio.gather(*(AsyncShardClient.connect(p) for p in s.shard_sockets))
     info = shards[0].info
     tokenizer = await asyncio.to_thread(load_tokenizer, s.model_path, s.trust_remote_code)
-    template = _template(s, tokenizer, info.eos_token_ids)
+    template = build_template(s, tokenizer, info.eos_token_ids)
     keys = None
     if s.use_lookahead:  # one table for every group's drafter
         keys = await asyncio.to_thread(TokenKeys.from_tokenizer, tokenizer)
     engines = []
     for shard in shards:
-        scheduler = _scheduler(s, shard.info, keys)
+        scheduler = build_scheduler(s, shard.info, keys)
         engines.append(
             AsyncEngine(
                 scheduler,

@@ -38,12 +38,6 @@ class NoChatFormat(TemplateError):
     """A chat request to a model served without any chat format."""
 
 
-@dataclass
-class RenderedPrompt:
-    token_ids: list[int]
-    stop_token_ids: tuple[int, ...] = ()
-
-
 @dataclass(frozen=True)
 class _Spec:
     render: Callable[[list[Message], Callable[[str], int]], list[Segment]]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 
 from shards import logs
@@ -18,22 +17,22 @@ COMMANDS = {
         "load a running OpenAI-compatible server; latency percentiles and throughput",
     ),
     "bench-engine": (
-        "launcher.bench_engine",
+        "benchmarks.engine",
         "main",
         "offline engine benchmark against transformers generate",
     ),
     "bench-serve": (
-        "launcher.bench_serve",
+        "benchmarks.serve",
         "main",
         "server benchmark against transformers serve, in one run",
     ),
     "bench-soak": (
-        "launcher.bench_soak",
+        "benchmarks.soak",
         "main",
         "long steady load at concurrency 64: failures and memory growth",
     ),
     "bench-quant": (
-        "launcher.bench_quant",
+        "benchmarks.quant",
         "main",
         "quantization modes: weight memory, perplexity, decode tok/s",
     ),
@@ -43,22 +42,22 @@ COMMANDS = {
         "calibrate SmoothQuant and write smoothq_model-8bit-auto.safetensors",
     ),
     "bench-lookahead": (
-        "launcher.bench_lookahead",
+        "benchmarks.lookahead",
         "main",
         "lookahead vs plain decoding: RAG, chat and 16 mixed, with acceptance",
     ),
     "bench-gpu": (
-        "launcher.bench_gpu",
+        "benchmarks.gpu",
         "main",
         "GPU decode tok/s per quant mode, eager and CUDA graphs, against the roofline",
     ),
     "bench-kernels": (
-        "launcher.bench_kernels",
+        "benchmarks.kernels",
         "main",
         "GB/s of weight bytes per linear shape: float, bfloat16 and the int8 paths",
     ),
     "bench-tp": (
-        "launcher.bench_tp",
+        "benchmarks.tp",
         "main",
         "tensor-parallel overhead: TP=2 vs TP=1 step time and collective cost",
     ),
@@ -70,14 +69,6 @@ def _usage() -> str:
     lines += [f"  {name:14s} {entry[2]}" for name, entry in COMMANDS.items()]
     lines += ["", "`shardserve COMMAND --help` shows a command's options."]
     return "\n".join(lines)
-
-
-def write_report(text: str, report: dict, json_path: str | None) -> None:
-    """A benchmark's ending: the table on stdout, the figures as JSON where asked."""
-    print(text)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,7 @@ def _tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
 
 
 def _generate(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    from launcher.bench_gpu import add_greedy
+    from benchmarks.gpu import add_greedy
 
     add_greedy(engine, prompts, max_tokens, "gen")
     got: dict[int, list[int]] = {}
@@ -119,7 +119,7 @@ def test_bfloat16_logits_are_as_close_to_float32_as_transformers_bfloat16(family
 @needs_cuda
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_greedy_generation_through_the_engine_matches_transformers(family, tmp_path):
-    from launcher.bench_gpu import gpu_engine
+    from benchmarks.gpu import gpu_engine
 
     hf = build_hf_model(tiny_config(family))
     folder = save_checkpoint(hf, tmp_path / family)
@@ -223,7 +223,7 @@ def test_quantized_model_on_cuda_matches_the_cpu_reference_path(mode, tmp_path):
 @needs_cuda
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_cuda_graph_decode_matches_eager(family, tmp_path):
-    from launcher.bench_gpu import gpu_engine
+    from benchmarks.gpu import gpu_engine
 
     folder = save_checkpoint(build_hf_model(tiny_config(family)), tmp_path / family)
     spec = _cuda_spec(folder)

@@ -3,7 +3,7 @@ for, which GGUF a benchmark asks for, and its server's command line."""
 
 import pytest
 
-from launcher import llama_cpp
+from benchmarks import llama_cpp
 
 
 def _checkout(tmp_path):

@@ -1,4 +1,4 @@
-"""The random-weight checkpoints of real shapes (launcher/shapes.py), written shard by shard:
+"""The random-weight checkpoints of real shapes (benchmarks/shapes.py), written shard by shard:
 the index names every tensor, no shard outgrows its bound by more than one tensor, and the
 folder loads through our loader, the same weights from safetensors and from `.bin`."""
 
@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from launcher.shapes import VOCAB, config, tensor_shapes, write_checkpoint
+from benchmarks.shapes import VOCAB, config, tensor_shapes, write_checkpoint
 from tests.tiny import make_worker, our_logits
 
 SHARD_BYTES = 48 * 2**20

@@ -1,4 +1,4 @@
-"""`python -m launcher.bench_gpu`: decode speed on one CUDA GPU per quantization mode, eager and
+"""`python -m benchmarks.gpu`: decode speed on one CUDA GPU per quantization mode, eager and
 with CUDA graphs, against the memory-bandwidth roofline; the share of an eager decode step the
 GPU spends waiting on the host; and (--kernels) each quantized matmul's GPU time per shape.
 
@@ -20,13 +20,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from launcher.cli import write_report
-from launcher.shapes import SHAPES as LAYOUTS
+from benchmarks.common import write_report
+from benchmarks.shapes import SHAPES as LAYOUTS
 from layers.quant.dequant import _fp8_scaled_mm
 
 log = logging.getLogger("shardserve.bench")
 
-# launcher/shapes.py's layouts with each model's own vocabulary (Llama-3.2-1B's 128,256
+# benchmarks/shapes.py's layouts with each model's own vocabulary (Llama-3.2-1B's 128,256
 # tokens): the GPU figures in BENCHMARKS.md were measured so.
 SHAPES = {
     name: dict(LAYOUTS[name], vocab_size=vocab, bos_token_id=1, eos_token_id=2)
@@ -177,7 +177,7 @@ def _mode(args, model_path: str, mode: str, bandwidth: float, graphs: bool) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launcher.bench_gpu", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__)
     p.add_argument("--model", default=None, help="model folder (default: a random one)")
     p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
     p.add_argument("--modes", default="none,ifq,fp8", help="comma-separated quantization modes")

@@ -21,8 +21,8 @@ import logging
 import statistics
 import time
 
-from launcher.cli import write_report
-from launcher.shapes import add_model_args, model_folder
+from benchmarks.common import write_report
+from benchmarks.shapes import add_model_args, model_folder
 
 log = logging.getLogger("shardserve.bench")
 

@@ -16,10 +16,9 @@ import os
 import threading
 import time
 
+from benchmarks.common import free_port, ours_cmd, start_server, stop_server, write_report
+from benchmarks.shapes import add_model_args, model_folder
 from clients.bench import BenchConfig, run_bench
-from launcher.bench_serve import _free_port, _ours_cmd, _start, _stop
-from launcher.cli import write_report
-from launcher.shapes import add_model_args, model_folder
 
 log = logging.getLogger("shardserve.bench")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -86,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     args.model = model_folder(args)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start(_ours_cmd(args.model, port, args.quantization, "continuous"), url, "/health")
+    proc = start_server(ours_cmd(args.model, port, args.quantization, "continuous"), url, "/health")
     sampler = _Sampler(proc.pid, every=5.0)
     rounds, failed, finished, tokens = [], 0, 0, 0
     try:
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         sampler.done.set()
-        _stop(proc)
+        stop_server(proc)
     warm = rounds[0]["rss_bytes"]
     last = rounds[-1]["rss_bytes"]
     peak = max(s for _, s in sampler.samples) if sampler.samples else last

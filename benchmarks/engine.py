@@ -13,8 +13,8 @@ import statistics
 import time
 from typing import NamedTuple
 
-from launcher.cli import write_report
-from launcher.shapes import add_model_args, model_folder
+from benchmarks.common import write_report
+from benchmarks.shapes import add_model_args, model_folder
 
 log = logging.getLogger("shardserve.bench")
 

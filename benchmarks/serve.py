@@ -1,7 +1,7 @@
 """`shardserve bench-serve`: our server (once per quantization mode asked for) against
 `transformers serve --continuous-batching` on the same model and, given its binary, llama.cpp's
 `llama-server` on a GGUF of the same weights (the embedded model's own Q4_1 file, else the
-checkpoint converted by launcher/llama_cpp.py), one after the other in one run, with the same
+checkpoint converted by benchmarks/llama_cpp.py), one after the other in one run, with the same
 load from `shardserve bench`. `--engine` adds the offline engine on the single-stream load's
 prompts, to show what the server path costs per token.
 
@@ -17,51 +17,17 @@ import dataclasses
 import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 
 import httpx
 
+from benchmarks.common import free_port, ours_cmd, start_server, stop_server, write_report
+from benchmarks.llama_cpp import GGUF_TYPES, ensure_gguf, server_cmd
+from benchmarks.shapes import add_model_args, model_folder
 from clients.bench import BenchConfig, run_bench
-from launcher.cli import write_report
-from launcher.llama_cpp import GGUF_TYPES, ensure_gguf, server_cmd
-from launcher.shapes import add_model_args, model_folder
 
 log = logging.getLogger("shardserve.bench")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd: list[str], url: str, health: str, deadline: float = 600) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
-        try:
-            if httpx.get(url + health, timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"{' '.join(cmd)} was not ready in {deadline}s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _loads(args) -> list[tuple[str, BenchConfig]]:
@@ -107,14 +73,6 @@ def _run_all(url: str, loads) -> dict:
         log.info("%s: %s", url, name)
         results[name] = asyncio.run(run_bench(dataclasses.replace(cfg, url=url)))
     return results
-
-
-def _ours_cmd(model: str, port: int, quantization: str, scheduler: str) -> list[str]:
-    return [
-        sys.executable, "-m", "launcher", "serve", "--model-path", model,
-        "--quantization", quantization, "--scheduler", scheduler,
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
 
 
 def _transformers_exe() -> str:
@@ -164,13 +122,13 @@ def engine_single_stream(model: str, mode: str, loads) -> dict:
 def _serve_and_load(name: str, cmd: list[str], port: int, loads, report: dict) -> None:
     url = f"http://127.0.0.1:{port}"
     log.info("starting %s", name)
-    proc = _start(cmd, url, "/health")
+    proc = start_server(cmd, url, "/health")
     try:
         report["servers"][name] = _run_all(url, loads)
         if name.startswith("ours"):
             report["steps"][name] = httpx.get(url + "/stats", timeout=10).json()["steps"]
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,17 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     exe = None if args.skip_transformers else _transformers_exe()  # before any long run
     for mode in args.quantization:
         for scheduler in args.scheduler:
-            port = _free_port()
+            port = free_port()
             name = f"ours {mode}" + ("" if scheduler == "continuous" else f" {scheduler}")
-            cmd = _ours_cmd(model, port, mode, scheduler)
+            cmd = ours_cmd(model, port, mode, scheduler)
             _serve_and_load(name, cmd, port, loads, report)
         if args.engine:
             report["engine"][f"ours {mode}"] = engine_single_stream(model, mode, loads)
     if not args.skip_transformers:
-        port = _free_port()
+        port = free_port()
         _serve_and_load("transformers", _transformers_cmd(exe, model, port), port, loads, report)
     if args.llama_server:
-        port = _free_port()
+        port = free_port()
         gguf = args.gguf or _gguf_for(model, embedded, args)
         report["gguf"] = gguf
         cmd = server_cmd(args.llama_server, gguf, port, max(args.concurrency), report["cpus"])

@@ -1,4 +1,4 @@
-"""`python -m launcher.quant_study`: how far other ways of choosing fp8 and NF4 values move the
+"""`python -m benchmarks.quant_study`: how far other ways of choosing fp8 and NF4 values move the
 embedded model's perplexity, against the formats as served (BENCHMARKS.md, *Quantization*).
 
 Each variant rounds the decoder linears of transformers' own model (fake quantization: the
@@ -17,7 +17,7 @@ import types
 
 import torch
 
-from launcher.cli import write_report
+from benchmarks.common import write_report
 
 GROUP = 64
 
@@ -136,7 +136,7 @@ def _grams(model, ids: list[int]) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launcher.quant_study", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quant_study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--sensitivity", action="store_true",
                    help="also: absmax NF4 on one kind of linear at a time")  # fmt: skip

@@ -22,8 +22,8 @@ import argparse
 import logging
 import time
 
-from launcher.cli import write_report
-from launcher.shapes import SHAPES, VOCAB
+from benchmarks.common import write_report
+from benchmarks.shapes import SHAPES, VOCAB
 
 log = logging.getLogger("shardserve.bench")
 

@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 
-from launcher.cli import write_report
+from benchmarks.common import write_report
 
 log = logging.getLogger("shardserve.bench")
 

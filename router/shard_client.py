@@ -8,7 +8,8 @@ import time
 
 import orjson
 
-from shards.wire import ShardInfo, StepPlan, StepResult, recv_frame, send_frame
+from shards import wire
+from shards.wire import ShardInfo, StepPlan, StepResult, frame, recv_frame, send_frame
 
 
 class ShardError(RuntimeError):
@@ -43,7 +44,7 @@ class ShardClient:
             msg = recv_frame(self.sock)
         except ConnectionError as e:
             raise ShardError("shard closed the connection while loading") from e
-        if msg["type"] != "ready":
+        if msg["type"] != wire.READY:
             raise ShardError(msg.get("message", "shard failed to start"))
         self._info = ShardInfo.from_dict(msg["info"])
         return self._info
@@ -52,15 +53,15 @@ class ShardClient:
         return self._info or self.wait_ready()
 
     def execute(self, plan: StepPlan) -> StepResult:
-        send_frame(self.sock, {"type": "plan", "plan": plan})
+        send_frame(self.sock, frame(wire.PLAN, plan=plan))
         msg = recv_frame(self.sock)
-        if msg["type"] != "result":
+        if msg["type"] != wire.RESULT:
             raise ShardError(msg.get("message", f"unexpected frame {msg['type']!r}"))
         return StepResult.from_dict(msg["result"])
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            send_frame(self.sock, {"type": "shutdown"})
+            send_frame(self.sock, frame(wire.SHUTDOWN))
         self.sock.close()
 
 
@@ -87,7 +88,7 @@ class AsyncShardClient:
                 await asyncio.sleep(0.05)
         client = AsyncShardClient(reader, writer)
         msg = await client._recv()
-        if msg["type"] != "ready":
+        if msg["type"] != wire.READY:
             raise ShardError(msg.get("message", "shard failed to start"))
         client.info = ShardInfo.from_dict(msg["info"])
         return client
@@ -103,11 +104,11 @@ class AsyncShardClient:
         return orjson.loads(payload)
 
     async def execute(self, plan: StepPlan) -> StepResult:
-        payload = orjson.dumps({"type": "plan", "plan": plan})
+        payload = orjson.dumps(frame(wire.PLAN, plan=plan))
         self._writer.write(len(payload).to_bytes(4, "big") + payload)
         await self._writer.drain()
         msg = await self._recv()
-        if msg["type"] != "result":
+        if msg["type"] != wire.RESULT:
             raise ShardError(msg.get("message", f"unexpected frame {msg['type']!r}"))
         return StepResult.from_dict(msg["result"])
 

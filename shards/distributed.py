@@ -108,7 +108,7 @@ def min_over_ranks(value: int, pctx: ParallelContext, cpu_group=None) -> int:
 
 class PlanChannel:
     """Rank 0 broadcasts one orjson message per step (a length, then the bytes); peers receive
-    it. Messages: {"type": "plan", "plan": ...}, {"type": "ping"}, {"type": "shutdown"}."""
+    it. Messages: shards/wire.py's PLAN, PING and SHUTDOWN frames."""
 
     def __init__(self, pctx: ParallelContext, group=None) -> None:
         self.pctx = pctx

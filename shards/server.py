@@ -21,12 +21,13 @@ import sys
 
 import orjson
 
-from shards import logs
+from shards import logs, wire
 from shards.distributed import PlanChannel, leave_group
 from shards.wire import (
     STOP_SIGNAL,
     ShardSpec,
     StepPlan,
+    frame,
     leave_stop_signals_to_launcher,
     recv_frame,
     send_frame,
@@ -63,7 +64,7 @@ def serve(socket_path: str | None, spec: ShardSpec) -> int:
         except Exception as e:  # any load failure is reported to the router, then we exit
             log.error("%s failed to start: %s", _name(spec), e)
             if conn is not None:
-                send_frame(conn, {"type": "error", "message": f"{type(e).__name__}: {e}"})
+                send_frame(conn, frame(wire.ERROR, message=f"{type(e).__name__}: {e}"))
             return 1
         channel = PlanChannel(worker.pctx, worker.plan_group) if spec.world_size > 1 else None
         try:
@@ -74,7 +75,7 @@ def serve(socket_path: str | None, spec: ShardSpec) -> int:
             log.error("%s stopped: %s: %s", _name(spec), type(e).__name__, e)
             if conn is not None:
                 with contextlib.suppress(OSError):
-                    send_frame(conn, {"type": "error", "message": str(e)})
+                    send_frame(conn, frame(wire.ERROR, message=str(e)))
             return 1
     finally:
         leave_group()
@@ -98,16 +99,16 @@ class _StopSignal:
 
 def _lead(conn: socket.socket, worker, channel: PlanChannel | None, heartbeat_s: float) -> int:
     stop = _StopSignal() if channel is not None else None
-    send_frame(conn, {"type": "ready", "info": to_dict(worker.info())})
+    send_frame(conn, frame(wire.READY, info=to_dict(worker.info())))
     while True:
         if stop is not None:
             readable = select.select([conn, stop.wake_r], [], [], heartbeat_s)[0]
             if stop.received:
                 with contextlib.suppress(RuntimeError, OSError):  # peers stopped as well
-                    channel.send({"type": "shutdown"})
+                    channel.send(frame(wire.SHUTDOWN))
                 return 0
             if not readable:
-                channel.send({"type": "ping"})  # peers time out if the group stays silent
+                channel.send(frame(wire.PING))  # peers time out if the group stays silent
                 continue
             if stop.wake_r in readable:
                 os.read(stop.wake_r, 512)  # another signal's wake-up byte: drain it
@@ -116,27 +117,27 @@ def _lead(conn: socket.socket, worker, channel: PlanChannel | None, heartbeat_s:
         try:
             msg = recv_frame(conn)
         except ConnectionError:
-            msg = {"type": "shutdown"}
+            msg = frame(wire.SHUTDOWN)
         kind = msg["type"]
-        if kind == "plan":
+        if kind == wire.PLAN:
             if channel is not None:
                 channel.send(msg)
             result = worker.execute(StepPlan.from_dict(msg["plan"]))
-            send_frame(conn, {"type": "result", "result": result})
-        elif kind == "shutdown":
+            send_frame(conn, frame(wire.RESULT, result=result))
+        elif kind == wire.SHUTDOWN:
             if channel is not None:
                 channel.send(msg)
             return 0
         else:
-            send_frame(conn, {"type": "error", "message": f"unknown message type {kind!r}"})
+            send_frame(conn, frame(wire.ERROR, message=f"unknown message type {kind!r}"))
 
 
 def _follow(worker, channel: PlanChannel) -> int:
     while True:
         msg = channel.recv()
-        if msg["type"] == "plan":
+        if msg["type"] == wire.PLAN:
             worker.execute(StepPlan.from_dict(msg["plan"]))
-        elif msg["type"] == "shutdown":
+        elif msg["type"] == wire.SHUTDOWN:
             return 0
 
 

@@ -198,6 +198,19 @@ def to_dict(obj) -> dict:
     return asdict(obj)
 
 
+# -- frames --------------------------------------------------------------------------------------
+# Each frame on the router <-> shard socket is {"type": KIND, ...}, 4-byte length first: the
+# router sends PLAN ("plan": a StepPlan) and SHUTDOWN; the shard answers READY ("info": its
+# ShardInfo) once loaded, RESULT ("result": a StepResult) for each plan, and ERROR ("message")
+# when it cannot go on. Rank 0 passes PLAN and SHUTDOWN on to its tensor-parallel peers, and
+# PING while the group is idle (shards/distributed.py: PlanChannel).
+PLAN, RESULT, READY, ERROR, SHUTDOWN, PING = "plan", "result", "ready", "error", "shutdown", "ping"
+
+
+def frame(kind: str, **fields) -> dict:
+    return {"type": kind, **fields}
+
+
 _HEADER = struct.Struct(">I")
 
 

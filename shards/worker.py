@@ -90,7 +90,7 @@ class Worker:
         if cpu_kernels:
             kernels.load()  # before the layers are built: they look for its ops
         pctx = self.pctx
-        why_eager = self._why_not_compiled(backend.name) if spec.cpu_compile else None
+        why_eager = self._why_eager(backend.name, "cpu") if spec.cpu_compile else None
         compiled = spec.cpu_compile and why_eager is None
         bc = BuildContext(
             pctx=pctx,
@@ -161,33 +161,25 @@ class Worker:
             num_blocks * self.kv_block_bytes / 2**30,
         )
 
-    def _why_not_compiled(self, backend_name: str) -> str | None:
-        # Compiled steps are for CPU ranks that run alone: gloo collectives and dynamic-NTK
-        # rotary (frequencies from host-side lengths) would break the graph.
-        if self.device.type != "cpu":
-            return f"a {self.device.type} device (CUDA graphs are its counterpart)"
+    def _why_eager(self, backend_name: str, target: str) -> str | None:
+        """Why decode steps cannot run captured on `target` ("cpu": torch.compile'd steps,
+        "cuda": CUDA graphs), or None: the one place that decides, from the spec and the config
+        alone (the model is not built yet when the CPU's answer is needed). Collectives between
+        ranks and dynamic-NTK rotary (frequencies from host-side lengths) break either."""
+        if self.device.type != target:
+            return f"a {self.device.type} device"
         if backend_name != "torch-sdpa":
             return f"{backend_name} attention"
         if self.spec.world_size > 1:
             return "tensor parallelism"
         if rope_type(self.cfg.rope_scaling) == "dynamic":
             return "dynamic NTK rotary"
-        if self.spec.quantization not in COMPILED_MODES:
+        if target == "cpu" and self.spec.quantization not in COMPILED_MODES:
             return f"quantization {self.spec.quantization}"
         return None
 
     def _decode_graphs(self, caches, backend_name: str) -> DecodeGraphs | None:
-        # Graphs record the SDPA backend's tensors and a single rank's kernels; gloo
-        # collectives and dynamic-NTK rotary (frequencies from host-side lengths) do not record.
-        why = None
-        if self.device.type != "cuda":
-            why = "no CUDA device"
-        elif backend_name != "torch-sdpa":
-            why = f"{backend_name} attention"
-        elif self.spec.world_size > 1:
-            why = "tensor parallelism"
-        elif getattr(self.model, "needs_seq_lens", False):
-            why = "dynamic NTK rotary"
+        why = self._why_eager(backend_name, "cuda")
         if why:
             log.info("decode steps run eagerly: CUDA graphs are not supported with %s", why)
             return None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from launcher.groups import free_port
 from tests.tiny import build_hf_model, save_checkpoint, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_DEADLINE = 300.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # The console script `make venv` installs beside this interpreter: what users run.

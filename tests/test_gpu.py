@@ -8,11 +8,11 @@ from __future__ import annotations
 import gc
 import logging
 import random
-import socket
 
 import pytest
 import torch
 
+from launcher.groups import free_port
 from layers.attention.backend import select_backend
 from layers.attention.flash import flash_available
 from layers.linear import ColumnParallelLinear
@@ -246,19 +246,13 @@ def test_cuda_graph_decode_matches_eager(family, tmp_path):
     torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_cuda
 def test_one_rank_nccl_group_carries_collectives_and_plans():
     import torch.distributed as dist
 
     from shards.distributed import PlanChannel, join_group, leave_group
 
-    pctx, plan_group = join_group(0, 1, "cuda:0", "127.0.0.1", _free_port(), 60.0)
+    pctx, plan_group = join_group(0, 1, "cuda:0", "127.0.0.1", free_port(), 60.0)
     try:
         assert dist.get_backend() == "nccl" and dist.get_backend(plan_group) == "gloo"
         assert pctx.gather_reduce_max == 0  # NCCL all-reduces; the gather trick is for gloo

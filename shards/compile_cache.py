@@ -130,9 +130,14 @@ class _Graph:
         return out[0] if self.single else tuple(out)
 
 
+class _Opaque(Exception):
+    """An argument `_signature` cannot describe."""
+
+
 def _signature(obj):
     """What dynamo's guards check of a call's arguments (modules aside: `compiled_for` gives
-    each description its own function), the dimensions marked dynamic left out."""
+    each description its own function), the dimensions marked dynamic left out; `_Opaque` for
+    an argument of another kind, whose call then never borrows another caller's graph."""
     if isinstance(obj, torch.Tensor):
         dynamic = getattr(obj, "_dynamo_dynamic_indices", ())
         shape = tuple(None if i in dynamic else n for i, n in enumerate(obj.shape))
@@ -142,7 +147,9 @@ def _signature(obj):
         return None
     if isinstance(obj, (tuple, list)):
         return tuple(map(_signature, obj))
-    return obj if obj is None or isinstance(obj, (bool, int, float, str)) else type(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise _Opaque(type(obj).__name__)
 
 
 def _leaves(out) -> list | None:
@@ -177,8 +184,12 @@ class DirectCalls:
         if key not in self.graphs:
             # a graph traced for an earlier call with the same signature (another model described
             # alike, in this process) is the graph dynamo ran
-            traced, signature = list(_TRACED), (self.compiled, _signature(args))
-            if len(traced) == 1:
+            traced = list(_TRACED)
+            try:
+                signature = (self.compiled, _signature(args))
+            except _Opaque:
+                signature = None
+            if len(traced) == 1 and signature is not None:
                 _GRAPHS[signature] = traced[0]
             elif not traced and signature in _GRAPHS:
                 traced = [_GRAPHS[signature]]

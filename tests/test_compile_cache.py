@@ -100,3 +100,27 @@ def test_every_compiled_decode_step_is_called_directly(llama_folder):
     assert all(g is not None for step in layer_steps for g in step.graphs.values())
     assert set(compiled.compiled_head.graphs) == rows
     assert all(g is not None for g in compiled.compiled_head.graphs.values())
+
+
+class Box:  # an argument of a kind the signature does not describe
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+def _boxed(toy, box):
+    return toy.lin(box.t)
+
+
+def _one(toy, box):
+    return 1
+
+
+@torch.inference_mode()
+def test_a_call_with_an_opaque_argument_never_borrows_a_graph():
+    first = DirectCalls(_boxed, Toy(8), key=_one)
+    toy, box = Toy(8), Box(torch.randn(2, 8))
+    torch.testing.assert_close(first(toy, box), toy.lin(box.t))  # traced: its own graph
+    assert first.graphs[1] is not None
+    second = DirectCalls(_boxed, Toy(8), key=_one)
+    torch.testing.assert_close(second(toy, box), toy.lin(box.t))
+    assert second.graphs[1] is None  # not knowing which graph dynamo ran, it keeps dynamo's

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 
 from router.detokenize import IncrementalDetokenizer
-from router.engine_core import StepTimes
+from router.engine_core import EngineCore, StepTimes
 from router.metrics import GroupMetrics
 from router.params import GenerationParams
 from router.scheduler import Scheduler, SeqUpdate
@@ -53,7 +53,7 @@ class AsyncEngine:
         self._ids = itertools.count(1)
         self._task: asyncio.Task | None = None
         self.dead: str | None = None
-        self.times = StepTimes()
+        self.core = EngineCore(scheduler, shard)  # the step's update and accounting
         self.num_queued = 0
         self.finished_by_reason: dict[str, int] = {}
         self.metrics = metrics
@@ -64,6 +64,10 @@ class AsyncEngine:
         self.step_started: float | None = None  # monotonic start of the step in flight
         self.request_timeout = request_timeout
         self.queue_timeout = queue_timeout
+
+    @property
+    def times(self) -> StepTimes:
+        return self.core.times
 
     @property
     def outstanding(self) -> int:
@@ -236,27 +240,14 @@ class AsyncEngine:
                     await self._idle()
                     continue
                 self._scheduled(plan, time.monotonic())
-                t0 = time.perf_counter()
+                sent = time.perf_counter()
                 self.step_started = time.monotonic()
                 result = await self.shard.execute(plan)
                 self.step_started = None
-                t1 = time.perf_counter()
-                updates = self.scheduler.update(plan, result, t1 - started)
-                self._publish(updates)
-                if self.request_timeout is not None or self.queue_timeout is not None:
-                    self._expire(time.monotonic())
-                if plan.seqs:
-                    tm = self.times
-                    tm.steps += 1
-                    tm.tokens += plan.num_tokens
-                    tm.schedule += t0 - started
-                    tm.shard += t1 - t0
-                    tm.forward += result.forward_seconds
-                    tm.update += time.perf_counter() - t1
-                    if self.metrics is not None:
-                        self.metrics.step(
-                            time.perf_counter() - started, len(plan.seqs), plan.num_tokens
-                        )
+                self.core.finish(plan, result, started, sent, self._after_step)
+                if plan.seqs and self.metrics is not None:
+                    took = time.perf_counter() - started
+                    self.metrics.step(took, len(plan.seqs), plan.num_tokens)
                 await asyncio.sleep(0)  # let request handlers run between steps
         except asyncio.CancelledError:
             raise
@@ -265,6 +256,11 @@ class AsyncEngine:
             log.error("%s", self.dead)
             for stream in list(self._streams.values()):
                 stream.queue.put_nowait(EngineDeadError(self.dead))
+
+    def _after_step(self, updates: list[SeqUpdate]) -> None:
+        self._publish(updates)
+        if self.request_timeout is not None or self.queue_timeout is not None:
+            self._expire(time.monotonic())
 
     async def _idle(self) -> None:
         """Until a request arrives or leaves, or (dynamic batching) a gathering batch is due."""

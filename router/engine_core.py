@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,21 +67,34 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[SeqUpdate]:
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan is None:
             return []
-        t1 = time.perf_counter()
-        result = self.shard.execute(plan)
-        t2 = time.perf_counter()
-        updates = self.scheduler.update(plan, result, t2 - t0)
-        t3 = time.perf_counter()
+        sent = time.perf_counter()
+        return self.finish(plan, self.shard.execute(plan), started, sent)
+
+    def finish(
+        self,
+        plan: StepPlan,
+        result: StepResult,
+        started: float,
+        sent: float,
+        then: Callable[[list[SeqUpdate]], None] | None = None,
+    ) -> list[SeqUpdate]:
+        """A step's second half, for this loop and the async engine's alike: the scheduler's
+        update for `result`, `then(updates)` (the async engine publishes them there), and the
+        step's times (`started` before scheduling, `sent` when the plan left)."""
+        back = time.perf_counter()
+        updates = self.scheduler.update(plan, result, back - started)
+        if then is not None:
+            then(updates)
         if plan.seqs:
             tm = self.times
             tm.steps += 1
             tm.tokens += plan.num_tokens
-            tm.schedule += t1 - t0
-            tm.shard += t2 - t1
+            tm.schedule += sent - started
+            tm.shard += back - sent
             tm.forward += result.forward_seconds
-            tm.update += t3 - t2
+            tm.update += time.perf_counter() - back
         return updates

@@ -43,8 +43,6 @@ class AsyncEngine:
         """request_timeout: seconds from arrival after which a request ends (finish reason
         `timeout`, with what it has so far); queue_timeout: seconds it may wait before its
         first step (then refused as Overloaded `queue_timeout`). None: no deadline."""
-        self.scheduler = scheduler
-        self.shard = shard
         self.tokenizer = tokenizer
         self.max_concurrency = max_concurrency
         self._slots = asyncio.Semaphore(max_concurrency)
@@ -53,7 +51,7 @@ class AsyncEngine:
         self._ids = itertools.count(1)
         self._task: asyncio.Task | None = None
         self.dead: str | None = None
-        self.core = EngineCore(scheduler, shard)  # the step's update and accounting
+        self.core = EngineCore(scheduler, shard)  # holds both; the step's update and accounting
         self.num_queued = 0
         self.finished_by_reason: dict[str, int] = {}
         self.metrics = metrics
@@ -64,6 +62,14 @@ class AsyncEngine:
         self.step_started: float | None = None  # monotonic start of the step in flight
         self.request_timeout = request_timeout
         self.queue_timeout = queue_timeout
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
+
+    @property
+    def shard(self):
+        return self.core.shard
 
     @property
     def times(self) -> StepTimes:

@@ -87,7 +87,7 @@ class CompiledDecode:
         stack = model.model
         # id(layer) -> its compiled step, with the rotary it is given; layers described alike
         # share one
-        steps: dict[tuple, DirectCalls] = {}
+        steps: dict[int, DirectCalls] = {}  # id of the shared compiled function -> its calls
         self.compiled_layers = {}
         for layer in stack.layers:
             step = DirectCalls(_decode_layer, layer, stack.rotary_emb, key=_layer_key)

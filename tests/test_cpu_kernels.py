@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from layers.quant import int8
-from layers.quant.expand import EXPAND_MIN_TOKENS
+from layers.quant.dequant import NF4_EXPAND_MIN_TOKENS
 from layers.quant.registry import get_quant_mode
 from shards import kernels
 from tests.tiny import build_hf_model, make_worker, our_logits, save_checkpoint, tiny_config
@@ -122,7 +122,7 @@ def test_nf4_kernel_computes_in_bytes_close_to_the_dequantized_matmul(rows, k, n
     padded = ops.nf4_blocks_linear(x, layer.nf4_blocks, layer.nf4_block_scales, layer.nf4_levels)
     got = padded[:, :n]  # outputs padded to blocks of 16 rows give zeros past n
     assert torch.equal(padded[:, n:], torch.zeros(rows, padded.shape[1] - n))
-    if rows < EXPAND_MIN_TOKENS:  # what the layer runs (more: tests/test_expand.py)
+    if rows < NF4_EXPAND_MIN_TOKENS:  # what the layer runs (more: tests/test_expand.py)
         assert torch.equal(layer.quant.apply(layer, x, None), got)
     # its own arithmetic, written independently: equal but for float summation order
     mine = _nf4_in_bytes(x, layer)

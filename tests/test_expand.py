@@ -1,8 +1,8 @@
 """Quantized rows expanded to bfloat16 for the GEMMs of many tokens (layers/quant/expand.py and
 expand.cpp): each expanded value equals the dequantized float32 weight cast to bfloat16, bit for
-bit; tiles add up to the whole matmul; layers take the path from 33 tokens on, eagerly only, and
-stay within bfloat16's rounding of the float matmul; a model's prompt through it keeps its
-greedy tokens."""
+bit; tiles add up to the whole matmul; layers take the path from their mode's threshold on (`ifq`
+33 tokens, `ifq_nf4` 256, below which its own kernel is faster), eagerly only, and stay within
+bfloat16's rounding of the float matmul; a model's prompt through it keeps its greedy tokens."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from layers.quant import expand
+from layers.quant.dequant import NF4_EXPAND_MIN_TOKENS
 from layers.quant.registry import get_quant_mode
 from shards import kernels
 from tests.tiny import build_hf_model, make_worker, our_logits, save_checkpoint, tiny_config
@@ -19,6 +20,9 @@ if not (kernels.load() and expand.expand_available()):
     pytest.skip("needs AVX-512 with bfloat16 dot products", allow_module_level=True)
 
 ops = torch.ops.shardserve_kernels
+
+# the fewest tokens each mode expands
+FROM = {"ifq": expand.EXPAND_MIN_TOKENS, "ifq_nf4": NF4_EXPAND_MIN_TOKENS}
 
 
 def _layer(mode: str, k: int, n: int):
@@ -67,7 +71,7 @@ def _bf16_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("mode, n", [("ifq", 100), ("ifq_nf4", 100), ("ifq_nf4", 96)])
 def test_tiles_add_up_to_the_whole_matmul(mode, n, monkeypatch):
     layer = _layer(mode, 128, n)  # NF4 in rows of 16 where they divide the outputs
-    x = torch.randn(expand.EXPAND_MIN_TOKENS, 128, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(FROM[mode], 128, generator=torch.Generator().manual_seed(1))
     whole = layer.quant.apply(layer, x, None)
     # 32 rows a tile: three whole tiles and a part
     monkeypatch.setattr(expand, "EXPAND_TILE_BYTES", 32 * 2 * 128)
@@ -82,18 +86,20 @@ def test_layers_expand_past_the_compiled_row_counts_within_bfloat16_rounding(mod
     assert layer.expand_gemm
     w = layer.quant.dequantized(layer)
     gen = torch.Generator().manual_seed(2)
-    for rows in (expand.EXPAND_MIN_TOKENS, 64):
+    for rows in (FROM[mode], FROM[mode] + 31):
         x = torch.randn(rows, 2048, generator=gen)
         got = layer.quant.apply(layer, x, None)
         assert torch.equal(got, _bf16_reference(x, w))
         exact = x.double() @ w.double().T
         # inputs, weights and outputs each rounded to bfloat16's 8 bits: measured ~0.3 %
         assert (got.double() - exact).norm() <= 0.01 * exact.norm()
-    fewer = torch.randn(expand.EXPAND_MIN_TOKENS - 1, 2048, generator=gen)
+    fewer = torch.randn(FROM[mode] - 1, 2048, generator=gen)
     assert not torch.equal(layer.quant.apply(layer, fewer, None), _bf16_reference(fewer, w))
 
 
-def test_a_prompt_through_expanded_tiles_keeps_the_greedy_tokens(tmp_path):
+def test_a_prompt_through_expanded_tiles_keeps_the_greedy_tokens(tmp_path, monkeypatch):
+    # the tiny model's context is too short for 256 tokens: NF4 expands from 33 tokens here
+    monkeypatch.setattr("layers.quant.dequant.NF4_EXPAND_MIN_TOKENS", expand.EXPAND_MIN_TOKENS)
     folder = save_checkpoint(build_hf_model(tiny_config("llama")), tmp_path / "model")
     tokens = [(i * 37 + 5) % 160 for i in range(expand.EXPAND_MIN_TOKENS + 7)]
     for mode in ("ifq", "ifq_nf4"):

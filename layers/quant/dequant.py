@@ -203,6 +203,13 @@ def _fp8_scaled_mm(x: torch.Tensor, fp8_weight: torch.Tensor, scale_row: torch.T
 
 NF4_BLOCK_ROWS = 16  # rows the decode kernel multiplies at once (nf4_blocks.cpp)
 
+# Below this many tokens the NF4 kernel beats expanding its rows to bfloat16: it multiplies
+# every token with a block of 16 rows while the block is in cache, 330-360 GFLOP/s on the 1B
+# shape from 40 to 256 tokens, where the expanded GEMM gives ~200 at 40 tokens, ~320 at 128 and
+# draws level near 256 (bench-kernels --rows N, BENCHMARKS.md). Short prompts and mixed steps
+# take the kernel, long prompt chunks the expansion.
+NF4_EXPAND_MIN_TOKENS = 256
+
 
 def to_blocks(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """NF4 codes [N, K] and group scales [N, K / 64] in nf4_blocks.cpp's layout: per 16 rows
@@ -303,7 +310,7 @@ class Nf4WeightOnly(_Announced):
         flat = x.reshape(-1, x.shape[-1])
         if layer.nf4_blocks is not None:
             blocks, scales, levels = layer.nf4_blocks, layer.nf4_block_scales, layer.nf4_levels
-            if expands(layer, flat):
+            if expands(layer, flat, NF4_EXPAND_MIN_TOKENS):
                 y = nf4_blocks_matmul(flat, blocks, scales, levels)
             else:
                 y = torch.ops.shardserve_kernels.nf4_blocks_linear(

@@ -3,7 +3,8 @@
 A prompt chunk (or a large batch) is arithmetic-bound: there oneDNN's bfloat16 GEMM, on a CPU
 with AVX512_BF16 dot products, runs ~2x float32's and well ahead of the int8 GEMVs, which
 multiply codes a few tokens at a time (the NF4 kernel 4x slower than bfloat16 at 512 tokens of
-the 1B shape; BENCHMARKS.md). So past EXPAND_MIN_TOKENS tokens `ifq` and `ifq_nf4` expand their
+the 1B shape; BENCHMARKS.md). So past EXPAND_MIN_TOKENS tokens `ifq` (and `ifq_nf4` past
+NF4_EXPAND_MIN_TOKENS, where its own kernel stops being faster) expand their
 rows to bfloat16 a tile at a time (`shardserve_kernels::int8_expand` / `nf4_blocks_expand`,
 expand.cpp: each value is the dequantized float32 weight cast to bfloat16), multiply the tile
 and reuse its buffer for the next: the weights are read once, in their own bytes, and no
@@ -38,12 +39,12 @@ def expand_available() -> bool:
     return kernel_isa() >= 2 and torch.cpu._is_avx512_bf16_supported()
 
 
-def expands(layer, x: torch.Tensor) -> bool:
-    """Whether this matmul takes the expanded path: enough tokens, run eagerly (a compiled step
-    keeps the GEMVs it was traced with), on a layer that chose it at load."""
+def expands(layer, x: torch.Tensor, min_tokens: int = EXPAND_MIN_TOKENS) -> bool:
+    """Whether this matmul takes the expanded path: at least `min_tokens` tokens, run eagerly (a
+    compiled step keeps the GEMVs it was traced with), on a layer that chose it at load."""
     return (
         getattr(layer, "expand_gemm", False)
-        and x.numel() >= EXPAND_MIN_TOKENS * x.shape[-1]
+        and x.numel() >= min_tokens * x.shape[-1]
         and not torch.compiler.is_compiling()
     )
 

@@ -48,7 +48,7 @@ def gpu_engine(spec, max_num_seqs: int = 256, cuda_graphs: bool = False):
     prefix cache off: every timed prompt runs in full)."""
     from launcher.plan import config_with, router_settings
     from router.assembly import build_scheduler
-    from router.engine_core import EngineCore
+    from router.engine.core import EngineCore
     from shards.worker import Worker
 
     worker = Worker(spec, cuda_graphs=cuda_graphs)
@@ -76,7 +76,7 @@ def add_greedy(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> N
 
 def _decode(engine, prompts: list[list[int]], max_tokens: int) -> dict:
     """Prefill every prompt, then time the decode steps that follow until all finish."""
-    from router.engine_core import StepTimes
+    from router.engine.core import StepTimes
 
     add_greedy(engine, prompts, max_tokens, f"b{len(prompts)}")
     started: set[int] = set()

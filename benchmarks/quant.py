@@ -19,8 +19,8 @@ MODES = ("none", "ifq", "smoothquant", "fp8", "ifq_nf4")
 
 def _measure(model: str, spec: str, args) -> dict:
     from launcher.llm import LLM
+    from router.http.quality import eval_tokens, perplexity
     from router.params import GenerationParams
-    from router.quality import eval_tokens, perplexity
     from shards.wire import SamplingParams
 
     greedy = SamplingParams(temperature=0.0)

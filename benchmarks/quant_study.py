@@ -3,7 +3,7 @@ embedded model's perplexity, against the formats as served (BENCHMARKS.md, *Quan
 
 Each variant rounds the decoder linears of transformers' own model (fake quantization: the
 rounded weights stay float), then scores the same 2,048 tokens as `shardserve bench-quant`
-(router/quality.py). Variants that need data read the decoder linears' input Gram matrices
+(router/http/quality.py). Variants that need data read the decoder linears' input Gram matrices
 (X^T X) from the smoothquant calibration text (launcher/quantize.py, 4,096 tokens), the
 statistics GPTQ and activation-aware scale searches use. A study, not a serving mode: it says
 what a calibrated NF4 could reach on this model, whose weights were rounded to Q4_1 before.
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from launcher.embedded import ensure_embedded_model
     from launcher.quantize import calibration_text
-    from router.quality import eval_tokens
+    from router.http.quality import eval_tokens
 
     folder = str(ensure_embedded_model())
     tokenizer = AutoTokenizer.from_pretrained(folder)

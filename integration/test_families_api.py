@@ -128,7 +128,7 @@ def test_the_familys_format_is_chosen_from_the_checkpoint_and_logged(family):
 def test_chat_renders_the_template_and_stops_on_its_stop_token(family):
     from transformers import AutoTokenizer
 
-    from router.templates import ChatTemplate
+    from router.http.templates import ChatTemplate
 
     template, folder, ids, server = family
     rendered = ChatTemplate.create(template, AutoTokenizer.from_pretrained(folder), (ids["eos"],))

@@ -31,7 +31,7 @@ def templated(request, tmp_path_factory, tiny_folder):
 def test_prompt_tokens_equal_the_templates_rendering(templated, tiny_folder):
     from transformers import AutoTokenizer
 
-    from router.templates import ChatTemplate
+    from router.http.templates import ChatTemplate
 
     name, server = templated
     tokenizer = AutoTokenizer.from_pretrained(tiny_folder)

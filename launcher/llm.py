@@ -16,10 +16,10 @@ from launcher import plan
 from launcher.config import Config
 from launcher.plan import config_with
 from router.assembly import build_scheduler, build_template
-from router.engine_core import EngineCore
-from router.ngrams import TokenKeys
+from router.engine.core import EngineCore
+from router.http.tokenizer import load_tokenizer as load_tokenizer_of
+from router.lookahead.ngrams import TokenKeys
 from router.params import GenerationParams
-from router.tokenizer import load_tokenizer as load_tokenizer_of
 
 GiB = 2**30
 

@@ -30,7 +30,7 @@ log = logging.getLogger("shardserve.quantize")
 
 ALPHAS: tuple[float | None, ...] = (None, *(round(0.05 * i, 2) for i in range(21)))
 
-# Standard-library docstrings, as for the evaluation text (router/quality.py) but from other
+# Standard-library docstrings, as for the evaluation text (router/http/quality.py) but from other
 # modules, so calibration never sees the text it is judged on.
 CALIBRATION_MODULES = (
     "abc", "ast", "base64", "bisect", "calendar", "cmd", "codecs", "copy", "datetime",
@@ -249,8 +249,8 @@ def _alpha_range(chosen: dict) -> str:
 def evaluate(source: str, quantized: str, eval_tokens: int) -> dict[str, float]:
     """Held-out perplexity of the float model and of the SmoothQuant file, as served."""
     from launcher.llm import LLM
-    from router.quality import eval_tokens as held_out
-    from router.quality import perplexity
+    from router.http.quality import eval_tokens as held_out
+    from router.http.quality import perplexity
 
     ppl = {}
     for mode, folder in (("none", source), ("smoothquant", quantized)):

@@ -18,8 +18,8 @@ from launcher.plan import max_model_len, router_settings, shard_spec
 from launcher.processes import Child, Supervisor, spawn, stop_all
 from layers.parallel import ShardingError
 from layers.quant.smoothquant import SMOOTHQUANT_FILE
+from router.http.templates import KNOWN_NAMES
 from router.settings import SETTINGS_ENV, RouterSettings
-from router.templates import KNOWN_NAMES
 from shards import logs
 from shards.checkpoint import CheckpointError, safetensors_metadata
 from shards.model_config import check_tensor_parallel
@@ -251,7 +251,7 @@ def serve(argv: list[str] | None = None) -> int:
             children.append(
                 spawn(
                     "router",
-                    "router.server",
+                    "router.http.server",
                     [],
                     env={SETTINGS_ENV: orjson.dumps(plan.settings.to_dict()).decode()},
                 )

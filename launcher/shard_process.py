@@ -8,7 +8,7 @@ import sys
 import tempfile
 
 from launcher.groups import group_specs, shard_argv, socket_path
-from router.shard_client import ShardClient, ShardError
+from router.engine.shard_client import ShardClient, ShardError
 from shards.wire import ShardInfo, ShardSpec, StepPlan, StepResult
 
 

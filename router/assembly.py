@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import logging
 
-from router.block_allocator import BlockAllocator
-from router.dynamic_batching import DynamicBatchScheduler
-from router.lookahead import Drafter
-from router.ngrams import TokenKeys
-from router.scheduler import Scheduler, SchedulerConfig
+from router.http.template_choice import choose_template
+from router.http.templates import ChatTemplate
+from router.lookahead.drafter import Drafter
+from router.lookahead.ngrams import TokenKeys
+from router.scheduling.block_allocator import BlockAllocator
+from router.scheduling.dynamic_batching import DynamicBatchScheduler
+from router.scheduling.scheduler import Scheduler, SchedulerConfig
 from router.settings import RouterSettings
-from router.template_choice import choose_template
-from router.templates import ChatTemplate
 
 log = logging.getLogger("shardserve.router")
 
@@ -40,7 +40,7 @@ def build_scheduler(s: RouterSettings, info, keys: TokenKeys | None) -> Schedule
 
 def build_template(s: RouterSettings, tokenizer, eos_token_ids: tuple[int, ...]) -> ChatTemplate:
     """The conversation template: CONV_TEMPLATE, else the tokenizer's, else the family's
-    (router/template_choice.py), logged with the reason."""
+    (router/http/template_choice.py), logged with the reason."""
     choice = choose_template(s.conv_template, tokenizer, s.model_path)
     if choice.name is None:
         log.warning(

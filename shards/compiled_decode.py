@@ -37,7 +37,7 @@ log = logging.getLogger("shardserve.compiled_decode")
 BATCH_SIZES = (1, 2, 4, 8, 16)
 
 # Padded row counts of steps verifying a lookahead tree; the drafter sizes a lone sequence's
-# tree to fill one (router/lookahead.py: fill_rows), 32 only where two branches can hold 31
+# tree to fill one (router/lookahead/drafter.py: fill_rows), 32 only where two branches can hold 31
 # tokens (NUM_SPECULATIVE_TOKENS >= 16). Larger trees run eagerly.
 TREE_ROWS = (8, 16, 32)
 

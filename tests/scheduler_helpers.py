@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from router.block_allocator import BlockAllocator
 from router.params import GenerationParams
-from router.scheduler import Scheduler, SchedulerConfig
-from router.sequence import Sequence
+from router.scheduling.block_allocator import BlockAllocator
+from router.scheduling.scheduler import Scheduler, SchedulerConfig
+from router.scheduling.sequence import Sequence
 from shards.wire import SeqOutput, StepPlan, StepResult
 
 EOS = 2

@@ -8,7 +8,7 @@ import functools
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from router.templates import ChatTemplate
+from router.http.templates import ChatTemplate
 
 LLAMA3_SPECIALS = (
     "<|begin_of_text|>",

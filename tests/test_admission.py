@@ -1,15 +1,16 @@
-"""The waiting bounds of `AsyncEngine.admit` (the 429 path end to end is in
-integration/test_operations.py)."""
+"""The waiting bounds of `Admission.admit`, which the async engine asks before a request's stream
+starts (the 429 path end to end is in integration/test_operations.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from router.engine import AsyncEngine, Overloaded
+from router.engine.admission import Admission
+from router.engine.outputs import Overloaded
 
 
-def _engine(**bounds) -> AsyncEngine:
-    return AsyncEngine(scheduler=None, shard=None, tokenizer=None, max_concurrency=1, **bounds)
+def _engine(**bounds) -> Admission:
+    return Admission(max_concurrency=1, **bounds)
 
 
 def test_waiting_tokens_bound_refuses_past_it_but_always_lets_one_prompt_in():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.block_allocator import BlockAllocator
+from router.scheduling.block_allocator import BlockAllocator
 
 
 def _full(num_blocks: int = 4, **kw) -> tuple[BlockAllocator, list[int]]:

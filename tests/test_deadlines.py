@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from router.engine import AsyncEngine, Overloaded
+from router.engine.async_engine import AsyncEngine
+from router.engine.outputs import Overloaded
 from router.params import GenerationParams
 from tests.scheduler_helpers import _result, _sched
 
@@ -52,7 +53,7 @@ def test_a_request_past_its_deadline_ends_with_timeout_and_frees_its_blocks():
     alloc = engine.scheduler.allocator
     assert all(alloc.ref_count(b) == 0 for b in range(alloc.num_blocks))  # every block released
     assert not engine.scheduler.has_unfinished()
-    assert engine.finished_by_reason == {"timeout": 1}
+    assert engine.accounting.finished_by_reason == {"timeout": 1}
 
 
 def test_a_request_that_cannot_start_in_time_is_refused_and_the_first_unharmed():
@@ -70,4 +71,4 @@ def test_a_request_that_cannot_start_in_time_is_refused_and_the_first_unharmed()
     engine, refused, outs = asyncio.run(main())
     assert refused.reason == "queue_timeout"
     assert outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 30
-    assert engine.num_waiting == 0 and engine.num_waiting_tokens == 0
+    assert engine.admission.num_waiting == 0 and engine.admission.num_waiting_tokens == 0

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from launcher.embedded import ensure_embedded_model
-from router.detokenize import IncrementalDetokenizer
+from router.http.detokenize import IncrementalDetokenizer
 
 FFFD = "\ufffd"
 

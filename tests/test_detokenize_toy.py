@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from router.detokenize import IncrementalDetokenizer
+from router.http.detokenize import IncrementalDetokenizer
 from tests.test_detokenize import FFFD, _feed
 
 # -- explicit examples, toy decoders ----------------------------------------------------------

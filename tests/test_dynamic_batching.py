@@ -1,12 +1,12 @@
-"""The DeepSpeed image's dynamic batching (router/dynamic_batching.py), with no model: batches
-form when full or when their first request has waited BATCH_WAIT_TIMEOUT, and run to completion
-before the next forms."""
+"""The DeepSpeed image's dynamic batching (router/scheduling/dynamic_batching.py), with no model:
+batches form when full or when their first request has waited BATCH_WAIT_TIMEOUT, and run to
+completion before the next forms."""
 
 from __future__ import annotations
 
-from router.block_allocator import BlockAllocator
-from router.dynamic_batching import DynamicBatchScheduler
-from router.scheduler import SchedulerConfig
+from router.scheduling.block_allocator import BlockAllocator
+from router.scheduling.dynamic_batching import DynamicBatchScheduler
+from router.scheduling.scheduler import SchedulerConfig
 from tests.scheduler_helpers import _seq, _step
 
 

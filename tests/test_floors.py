@@ -18,9 +18,9 @@ ABOVE = {
     "layers": ("launcher", "router", "shards"),
 }
 ENTRIES = {
-    "router.server": "router",
-    "router.app": "router",
-    "router.engine": "router",
+    "router.http.server": "router",
+    "router.http.routes": "router",
+    "router.engine.async_engine": "router",
     "shards.server": "shards",
     "shards.loader": "shards",
     "shards.worker": "shards",

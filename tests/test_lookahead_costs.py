@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router.lookahead_costs import EXPLORE_EVERY, TREES_EXPLORED_LESS, StepCosts
+from router.lookahead.costs import EXPLORE_EVERY, TREES_EXPLORED_LESS, StepCosts
 
 
 def _decide(costs: StepCosts, n: int, steps: int) -> list[bool]:

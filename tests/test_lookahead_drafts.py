@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import random
 
-from router.block_allocator import BlockAllocator
-from router.lookahead import Drafter, NgramIndex, build_tree
+from router.lookahead.drafter import Drafter, NgramIndex, build_tree
 from router.params import GenerationParams
-from router.scheduler import Scheduler, SchedulerConfig
-from router.sequence import Sequence
+from router.scheduling.block_allocator import BlockAllocator
+from router.scheduling.scheduler import Scheduler, SchedulerConfig
+from router.scheduling.sequence import Sequence
 from shards.wire import SamplingParams, ScheduledSeq, SeqOutput, StepPlan, StepResult
 
 GREEDY = SamplingParams(temperature=0.0)

@@ -1,12 +1,12 @@
-"""The whitespace-insensitive n-gram index (router/ngrams.py) on a made-up vocabulary: a quote
-whose lines the model re-wrapped is still found, and its continuation starts with the token
+"""The whitespace-insensitive n-gram index (router/lookahead/ngrams.py) on a made-up vocabulary: a
+quote whose lines the model re-wrapped is still found, and its continuation starts with the token
 the model would write after the break it already made; a line break in a draft also comes as
 the model may re-wrap it; a passage being copied keeps its place after a departure; drafts
 follow how the sequence has been writing the text's whitespace."""
 
 from __future__ import annotations
 
-from router.ngrams import NgramIndex, TokenKeys
+from router.lookahead.ngrams import NgramIndex, TokenKeys
 
 TEXTS = ["\n", " ", "the", " the", "first", " first", "function", " function", " call", "call",
          " in", "in", " <", "<", "a", " statement", "\ufffd", " \ufffd", "\n  ",

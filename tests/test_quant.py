@@ -179,7 +179,7 @@ def test_a_tied_int8_head_serves_the_embedding_lookups_too(tmp_path):
 def test_ifq_perplexity_on_the_embedded_model():
     from launcher.embedded import ensure_embedded_model
     from launcher.llm import LLM
-    from router.quality import eval_tokens, perplexity
+    from router.http.quality import eval_tokens, perplexity
 
     folder = str(ensure_embedded_model())
     ppl = {}
@@ -277,7 +277,7 @@ def test_dequant_modes_tp2_equal_tp1(tiny_folder, mode, bound):
 def test_dequant_modes_perplexity_on_the_embedded_model(mode, bound):
     from launcher.embedded import ensure_embedded_model
     from launcher.llm import LLM
-    from router.quality import eval_tokens, perplexity
+    from router.http.quality import eval_tokens, perplexity
 
     folder = str(ensure_embedded_model())
     ppl = {}
@@ -313,7 +313,7 @@ def test_nf4_perplexity_matches_an_independent_nf4_rounding():
 
     from launcher.embedded import ensure_embedded_model
     from launcher.llm import LLM
-    from router.quality import eval_tokens, perplexity
+    from router.http.quality import eval_tokens, perplexity
 
     folder = str(ensure_embedded_model())
     with LLM(folder, quantization="ifq_nf4", kv_cache_memory=2**28, max_model_len=2048,

@@ -3,8 +3,8 @@ plans answered with fabricated step results."""
 
 from __future__ import annotations
 
-from router.scheduler import Scheduler
-from router.sequence import SeqStatus, Sequence
+from router.scheduling.scheduler import Scheduler
+from router.scheduling.sequence import SeqStatus, Sequence
 from shards.wire import ScheduledSeq, StepResult
 from tests.scheduler_helpers import (
     _by_id,

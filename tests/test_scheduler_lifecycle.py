@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.sequence import SeqStatus
+from router.scheduling.sequence import SeqStatus
 from shards.wire import SamplingParams, SeqOutput, StepResult
 from tests.scheduler_helpers import (
     EOS,

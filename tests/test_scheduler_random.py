@@ -6,9 +6,9 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 
-from router.block_allocator import BlockAllocator
-from router.scheduler import Scheduler
-from router.sequence import Sequence
+from router.scheduling.block_allocator import BlockAllocator
+from router.scheduling.scheduler import Scheduler
+from router.scheduling.sequence import Sequence
 from shards.wire import StepPlan
 from tests.scheduler_helpers import (
     EOS,

@@ -1,10 +1,10 @@
-"""Shadow chains (router/shadow_drafts.py): drafts never verified, checked against the tokens
-that follow, teach the cost gate and a sequence's acceptance average when trees pay again."""
+"""Shadow chains (router/lookahead/shadow_drafts.py): drafts never verified, checked against the
+tokens that follow, teach the cost gate and a sequence's acceptance average when trees pay again."""
 
 from __future__ import annotations
 
-from router.lookahead import RESUME_BUDGET, Drafter
-from router.shadow_drafts import ShadowChains
+from router.lookahead.drafter import RESUME_BUDGET, Drafter
+from router.lookahead.shadow_drafts import ShadowChains
 
 
 def test_a_chain_settles_at_its_first_wrong_token_or_at_its_end():

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from router.template_choice import BAICHUAN2_VOCAB, choose_template
-from router.templates import KNOWN_NAMES, ChatTemplate, NoChatFormat, TemplateError
+from router.http.template_choice import BAICHUAN2_VOCAB, choose_template
+from router.http.templates import KNOWN_NAMES, ChatTemplate, NoChatFormat, TemplateError
 from shards.models import baichuan
 from tests.template_helpers import ALL_SPECIALS, GLM_SPECIALS, _tokenizer
 

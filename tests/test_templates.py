@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.templates import KNOWN_NAMES, TEMPLATES, ChatTemplate, TemplateError
+from router.http.templates import KNOWN_NAMES, TEMPLATES, ChatTemplate, TemplateError
 from tests.template_helpers import (  # noqa: F401
     ALL_SPECIALS,
     GLM_SPECIALS,

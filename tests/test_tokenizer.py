@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from launcher.embedded import ensure_embedded_model
-from router.tokenizer import TokenizerError, load_tokenizer
+from router.http.tokenizer import TokenizerError, load_tokenizer
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """Lookahead draft trees in attention.
 
 A sequence's tree arrives as token_ids = [real token, draft 1, ...] with parent indices
-(`draft_parents`, router/lookahead.py). Token i is written to cache slot start + i, at position
-start + depth(i); it attends to the whole cache before `start` and to its ancestors and itself
-in the tree, so every branch sees exactly the context plain decoding would give it.
+(`draft_parents`, router/lookahead/drafter.py). Token i is written to cache slot start + i,
+at position start + depth(i); it attends to the whole cache before `start` and to its ancestors and
+itself in the tree, so every branch sees exactly the context plain decoding would give it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Health: `/health/live` is 200 while the process is up and its step loop advances
 once a step has run past --stuck-step-timeout, e.g. a hung collective, or every worker group
 is dead); `/health/ready` is 200 only when loaded, answering, not stuck and not draining after
 a stop signal; `/health` is readiness (the spec's health check). `/` is the chat page
-(router/web/chat.html).
+(router/http/web/chat.html).
 """
 
 from __future__ import annotations
@@ -27,11 +27,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from router.completions import ServingContext, chat_completions, completions
-from router.metrics import CountResponses, Metrics
-from router.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
-from router.responses import json_response
-from router.streams import EngineDeadError, Overloaded
+from router.engine.outputs import EngineDeadError, Overloaded
+from router.http.completions import chat_completions, completions
+from router.http.context import ServingContext
+from router.http.metrics import CountResponses, Metrics
+from router.http.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    validation_error,
+)
+from router.http.responses import json_response
 
 log = logging.getLogger("shardserve.app")
 
@@ -242,7 +248,7 @@ def create_app(router: Router, lifespan=None) -> Starlette:
     paths = {r.path for r in routes}
     return Starlette(
         routes=routes,
-        middleware=[Middleware(CountResponses, metrics=router.metrics, routes=paths)],
+        middleware=[Middleware(CountResponses, metrics=router.http.metrics, routes=paths)],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from starlette.responses import Response
 
-from router.streams import RequestOutput
+from router.engine.outputs import RequestOutput
 
 
 def json_response(body: dict, status: int = 200) -> Response:

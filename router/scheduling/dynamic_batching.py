@@ -14,9 +14,9 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from router.block_allocator import BlockAllocator
-from router.scheduler import Scheduler, SchedulerConfig
-from router.sequence import Sequence
+from router.scheduling.block_allocator import BlockAllocator
+from router.scheduling.scheduler import Scheduler, SchedulerConfig
+from router.scheduling.sequence import Sequence
 
 
 class DynamicBatchScheduler(Scheduler):

@@ -15,7 +15,7 @@ Sources, per template:
   shennong_chat  Tencent's industry model: its format is not public, so it uses the
                  checkpoint's own chat template
 Without a named template the tokenizer's own `chat_template` is used, else the family's format
-(router/template_choice.py); a model with neither gets a template that refuses chats, naming
+(router/http/template_choice.py); a model with neither gets a template that refuses chats, naming
 CONV_TEMPLATE, while completions are served.
 """
 

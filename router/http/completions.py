@@ -7,15 +7,14 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from router.params import GenerationParams
-from router.pool import EnginePool
-from router.protocol import APIError, ChatCompletionRequest, CompletionRequest, _Sampling
-from router.responses import (
+from router.engine.outputs import EngineDeadError, Overloaded, RequestOutput
+from router.http.context import ServingContext
+from router.http.protocol import APIError, ChatCompletionRequest, CompletionRequest, _Sampling
+from router.http.responses import (
     add_usage,
     chat_logprobs,
     completion_logprobs,
@@ -23,20 +22,11 @@ from router.responses import (
     sse,
     usage,
 )
-from router.streams import EngineDeadError, Overloaded, RequestOutput
-from router.templates import ChatTemplate, NoChatFormat, TemplateError
+from router.http.templates import NoChatFormat, TemplateError
+from router.params import GenerationParams
 from shards.wire import SamplingParams
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-@dataclass
-class ServingContext:
-    engine: EnginePool
-    tokenizer: object
-    template: ChatTemplate
-    model_name: str
-    max_model_len: int
 
 
 def _params(

@@ -12,7 +12,7 @@ many sequences the step's draft room covers only some of them, and some find not
 draft. A step of n sequences drafts when (n + accepted) / tree time > n / plain time. Now and
 then a step takes the other choice, so the costs and the gain stay measured as contexts grow
 and the text changes; and while steps run without trees, each sequence's shadow chains
-(router/shadow_drafts.py), drafted as a step with trees would have drafted them, keep
+(router/lookahead/shadow_drafts.py), drafted as a step with trees would have drafted them, keep
 measuring the gain at no cost.
 
 A step in which one sequence verifies its tree runs compiled at a padded row count
@@ -111,12 +111,12 @@ class StepCosts:
 
     def observe_rows_accepted(self, padded_rows: int, accepted: int) -> None:
         """What a tree of this padded row count would have got accepted in a step that ran
-        a bigger one (router/lookahead.py: Drafter.observe)."""
+        a bigger one (router/lookahead/drafter.py: Drafter.observe)."""
         _average(self.rows_accepted, padded_rows, accepted)
 
     def observe_shadow(self, num_seqs: int, accepted: list[float], context: int = 0) -> None:
         """What the unverified drafts of a step of this many sequences, of this mean
-        length, would have got accepted (router/lookahead.py: Drafter.shadow)."""
+        length, would have got accepted (router/lookahead/drafter.py: Drafter.shadow)."""
         if accepted:
             self._observe_accepted(step_bucket(num_seqs, context), accepted)
 

@@ -1,6 +1,6 @@
 """Router process entry point: the HTTP server in front of the shards.
 
-    SHARDSERVE_ROUTER_SETTINGS=JSON python -m router.server
+    SHARDSERVE_ROUTER_SETTINGS=JSON python -m router.http.server
 
 It listens at once (health answers 503 while loading), connects to the shards, loads the
 tokenizer and template, then serves. A start-up failure exits non-zero; the launcher sees it.
@@ -24,16 +24,16 @@ import sys
 import orjson
 import uvicorn
 
-from router.app import Router, create_app
 from router.assembly import build_scheduler, build_template
-from router.completions import ServingContext
-from router.engine import AsyncEngine
-from router.metrics import Metrics
-from router.ngrams import TokenKeys
-from router.pool import EnginePool
+from router.engine.async_engine import AsyncEngine
+from router.engine.pool import EnginePool
+from router.engine.shard_client import AsyncShardClient
+from router.http.context import ServingContext
+from router.http.metrics import Metrics
+from router.http.routes import Router, create_app
+from router.http.tokenizer import load_tokenizer
+from router.lookahead.ngrams import TokenKeys
 from router.settings import SETTINGS_ENV, RouterSettings
-from router.shard_client import AsyncShardClient
-from router.tokenizer import load_tokenizer
 from shards import logs
 from shards.wire import DRAIN_SIGNAL, STOP_SIGNAL, leave_stop_signals_to_launcher
 
@@ -87,10 +87,10 @@ async def build_context(s: RouterSettings, metrics: Metrics | None = None) -> Se
 
 
 async def log_quality(ctx: ServingContext, quantization: str, num_tokens: int = 1024) -> float:
-    """Perplexity of the held-out text (router/quality.py) scored through the engine, before
+    """Perplexity of the held-out text (router/http/quality.py) scored through the engine, before
     the server reports ready: the served model's quality as one number in the log."""
+    from router.http.quality import eval_tokens
     from router.params import GenerationParams
-    from router.quality import eval_tokens
     from shards.wire import SamplingParams
 
     ids = eval_tokens(ctx.tokenizer, min(num_tokens, ctx.max_model_len - 1))

@@ -1,8 +1,8 @@
 """Shadow chains: drafts a sequence makes in steps that give it no tree, never verified, and
 checked against the tokens the following steps produce. What they get right is what a tree
-would have got accepted, measured at no cost: the cost gate (router/lookahead_costs.py) and a
-sequence's own acceptance average (router/lookahead.py) learn from them when trees pay again,
-rather than from trees run on the chance that they might.
+would have got accepted, measured at no cost: the cost gate (router/lookahead/costs.py) and a
+sequence's own acceptance average (router/lookahead/drafter.py) learn from them when trees pay
+again, rather than from trees run on the chance that they might.
 """
 
 from __future__ import annotations

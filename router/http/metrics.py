@@ -122,8 +122,8 @@ class GroupMetrics:
                 self.itl.observe(seconds_since_last / n)
 
     def finished(self, account: dict) -> None:
-        """A finished request's account (router/streams.py `Stream.account`: finish reason, token
-        counts, and queue_s / ttft_s / total_s from its arrival)."""
+        """A finished request's account (router/engine/outputs.py `Stream.account`: finish
+        reason, token counts, and queue_s / ttft_s / total_s from its arrival)."""
         m, g = self.m, self.group
         m.request_success.labels(g, account["finish_reason"]).inc()
         m.prompt_tokens.labels(g).inc(account["prompt_tokens"])

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from router.params import GenerationParams
-from router.scheduler import Scheduler, SeqUpdate
-from router.sequence import Sequence
+from router.scheduling.scheduler import Scheduler, SeqUpdate
+from router.scheduling.sequence import Sequence
 from shards.wire import StepPlan, StepResult
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from router.block_allocator import BlockAllocator
-from router.lookahead import Drafter, DraftTree
-from router.sequence import SeqStatus, Sequence
+from router.lookahead.drafter import Drafter, DraftTree
+from router.scheduling.block_allocator import BlockAllocator
+from router.scheduling.sequence import SeqStatus, Sequence
 from shards.wire import NewSeq, ScheduledSeq, StepPlan, StepResult
 
 
@@ -88,6 +88,25 @@ class Scheduler:
         self._finish(seq, reason)
         return seq
 
+    def stop_after(self, u: SeqUpdate, taken: int) -> None:
+        """A stop string ends the sequence after `taken` of this update's tokens: those after it
+        never happened (with lookahead several arrive at once), as in plain decoding; its blocks
+        are freed as by `abort` (reason "stop")."""
+        extra = len(u.new_token_ids) - taken
+        if extra > 0:
+            del u.seq.token_ids[-extra:]
+            u.new_token_ids = u.new_token_ids[:taken]
+            if u.logprobs is not None:
+                u.logprobs = u.logprobs[:taken]
+            if u.top_logprobs is not None:
+                u.top_logprobs = u.top_logprobs[:taken]
+        self.abort(u.seq.seq_id, reason="stop")
+
+    def wait_seconds(self) -> float | None:
+        """How long the step loop may idle before this scheduler wants a step though nothing
+        arrives (dynamic batching: a gathering batch falls due); None: until something does."""
+        return None
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -140,8 +159,8 @@ class Scheduler:
 
     def _draft_room(self, decoding: list[Sequence], with_prefill: bool) -> int:
         """Draft tokens this step may carry over all its decodes: none where trees have not
-        been paying for themselves (router/lookahead_costs.py), and then the sequences draft
-        shadow chains instead (router/shadow_drafts.py)."""
+        been paying for themselves (router/lookahead/costs.py), and then the sequences draft
+        shadow chains instead (router/lookahead/shadow_drafts.py)."""
         if self.drafter is None or not decoding:
             return 0
         context = sum(s.num_tokens for s in decoding) // len(decoding)

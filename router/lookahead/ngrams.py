@@ -1,4 +1,4 @@
-"""The n-gram indexes lookahead drafts from (router/lookahead.py): where the text a sequence
+"""The n-gram indexes lookahead drafts from (router/lookahead/drafter.py): where the text a sequence
 has just produced occurred before, and what followed.
 
 A model that quotes its prompt often re-wraps the lines it quotes ("the first\\nfunction" in the

@@ -4,8 +4,8 @@ Each sequence keeps an n-gram index of its own tokens (prompt and output): for e
 1..`max_ngram` tokens, the positions that followed it. A draft looks up the sequence's last
 tokens, longest match first, and takes the continuations after each earlier occurrence (most
 recent first) as branches; a whitespace-insensitive match finds quotes whose lines the model
-re-wrapped (router/ngrams.py). A shared pool of recently generated text adds branches across
-requests. Branches merge into a tree by common prefix; the tree is laid out depth-first with
+re-wrapped (router/lookahead/ngrams.py). A shared pool of recently generated text adds branches
+across requests. Branches merge into a tree by common prefix; the tree is laid out depth-first with
 the most likely branch first, so when that branch is accepted its K/V already sit in order.
 
 The tree travels as tokens plus parent indices: node 0 is the sequence's last real token, node
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from router.lookahead_costs import StepCosts
-from router.ngrams import NgramIndex, SharedNgrams, TokenKeys
-from router.shadow_drafts import ShadowChains
+from router.lookahead.costs import StepCosts
+from router.lookahead.ngrams import NgramIndex, SharedNgrams, TokenKeys
+from router.lookahead.shadow_drafts import ShadowChains
 from shards.wire import ShardInfo, StepPlan, StepResult
 
 
@@ -77,7 +77,7 @@ class SeqDraftState:
     proposed: int = 0
     accepted: int = 0
     # Drafts of steps that gave it no tree (the cost gate said no, or it has been accepting
-    # nothing), checked against what it produces next (router/shadow_drafts.py)
+    # nothing), checked against what it produces next (router/lookahead/shadow_drafts.py)
     shadows: ShadowChains = field(default_factory=ShadowChains)
 
 
@@ -101,7 +101,8 @@ class Drafter:
     # Row counts the shard pads one sequence's tree step to (ShardInfo.tree_rows): the rows
     # up to the next of them cost the same whether they hold draft tokens or padding.
     tree_rows: tuple[int, ...] = ()
-    # The tokenizer's whitespace-stripped texts (router/ngrams.py), or None: raw n-grams only
+    # The tokenizer's whitespace-stripped texts (router/lookahead/ngrams.py), or None: raw
+    # n-grams only
     keys: TokenKeys | None = None
 
     def __post_init__(self) -> None:

@@ -12,7 +12,8 @@ import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 
-from router.engine import AsyncEngine, EngineDeadError, RequestOutput
+from router.engine.async_engine import AsyncEngine
+from router.engine.outputs import EngineDeadError, RequestOutput
 from router.params import GenerationParams
 
 # Summed across groups in /stats; the rest are per group only.

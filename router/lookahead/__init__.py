@@ -1,0 +1,1 @@
+"""Lookahead decoding: draft trees from n-grams, their costs, and shadow chains."""

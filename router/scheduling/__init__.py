@@ -1,0 +1,1 @@
+"""Which tokens run in the next step: the scheduler, its sequences, and KV block accounting."""

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from launcher.groups import free_port
-from tests.tiny import build_hf_model, save_checkpoint, tiny_config
+from tests.support.tiny import build_hf_model, save_checkpoint, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_DEADLINE = 300.0

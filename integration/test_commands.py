@@ -16,7 +16,7 @@ import pytest
 
 from integration.conftest import ROOT, SHARDSERVE, start_server
 from launcher.cli import COMMANDS
-from tests.tiny import build_hf_model, save_checkpoint, tiny_config
+from tests.support.tiny import build_hf_model, save_checkpoint, tiny_config
 
 # Each command and the test that runs it; a command added to the CLI without one fails below.
 TESTED = {

@@ -22,9 +22,9 @@ import torch
 
 from integration.conftest import start_server
 from shards.models.baichuan import BAICHUAN2_VOCAB
-from tests.family_checkpoints import as_baichuan, as_chatglm, as_qwen_v1
-from tests.template_helpers import ALL_SPECIALS, GLM_SPECIALS, _tokenizer
-from tests.tiny import build_hf_model, save_checkpoint, tiny_config
+from tests.support.families import as_baichuan, as_chatglm, as_qwen_v1
+from tests.support.templates import ALL_SPECIALS, GLM_SPECIALS, _tokenizer
+from tests.support.tiny import build_hf_model, save_checkpoint, tiny_config
 
 VOCAB = 1100  # above the test tokenizer's ~1,016 tokens and Baichuan's reserved ids 195/196
 SPECIAL = "[gMASK]"  # a special token that is no template's stop token

@@ -2,7 +2,7 @@
 default lives): the shards' `ShardSpec`, the router's `RouterSettings`, and the offline `LLM`'s
 shard and scheduler, so that it runs what a server started with the same flags runs.
 `ShardSpec` and `RouterSettings` carry no defaults of their own for what `Config` sets
-(tests/test_config.py holds them to it)."""
+(tests/launcher/test_config.py holds them to it)."""
 
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ float weight first. The log says which at start-up.
 On GPUs with fp8 tensor cores (compute capability 8.9+), `fp8` with fast kernels runs the
 large linears with `torch._scaled_mm` on the fp8 weight, each token's activations quantized to
 fp8 on the fly with its own scale (W8A8: the activation rounding is the extra error, bound in
-tests/test_gpu.py). Below FP8_MM_MIN_WEIGHTS the kernel's fixed cost (~18 us with the activation
-quantization, against ~8 us to dequantize) outweighs the bytes it saves (BENCHMARKS.md, GPU).
+tests/shards/test_gpu.py). Below FP8_MM_MIN_WEIGHTS the kernel's fixed cost (~18 us with the
+activation quantization, against ~8 us to dequantize) outweighs the bytes it saves
+(BENCHMARKS.md, GPU).
 """
 
 from __future__ import annotations

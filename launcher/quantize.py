@@ -1,5 +1,6 @@
 """`shardserve quantize`: calibrate SmoothQuant for a model and write
-`smoothq_model-8bit-auto.safetensors` (layout: layers/quant/smoothquant.py).
+`smoothq_model-8bit-auto.safetensors` (layout: layers/quant/smoothquant.py; the calibration
+itself, recorder and search: layers/quant/calibration.py; this module drives it).
 
 1. Calibration: a text (built in, or `--calibration-file`) runs through the model in float32 on
    our own model code; every decoder linear records each input channel's largest |activation|
@@ -28,8 +29,6 @@ import torch
 
 log = logging.getLogger("shardserve.quantize")
 
-ALPHAS: tuple[float | None, ...] = (None, *(round(0.05 * i, 2) for i in range(21)))
-
 # Standard-library docstrings, as for the evaluation text (router/http/quality.py) but from other
 # modules, so calibration never sees the text it is judged on.
 CALIBRATION_MODULES = (
@@ -53,49 +52,15 @@ def calibration_text() -> str:
     return "\n\n".join(dict.fromkeys(parts))
 
 
-class _Recorder:
-    """Forward pre-hooks on the decoder linears: per-channel |x| maxima and sampled rows."""
-
-    def __init__(self, linears: dict, sample_every: int, sample_tokens: int) -> None:
-        self.absmax: dict[str, torch.Tensor] = {}
-        self.samples: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-        self.seen = dict.fromkeys(linears, 0)
-        self.every, self.limit = sample_every, sample_tokens
-        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in linears.items()]
-
-    def _hook(self, name: str):
-        def record(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            amax = x.abs().amax(dim=0)
-            prev = self.absmax.get(name)
-            self.absmax[name] = amax if prev is None else torch.maximum(prev, amax)
-            first = (-self.seen[name]) % self.every
-            self.seen[name] += x.shape[0]
-            taken = sum(len(t) for t in self.samples[name])
-            if taken < self.limit:
-                self.samples[name].append(x[first :: self.every][: self.limit - taken].clone())
-
-        return record
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def decoder_linears(model) -> dict:
-    from layers.linear import ParallelLinear
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, ParallelLinear)}
-
-
 def calibrate(llm, token_ids: list[int], window: int, sample_tokens: int, progress: bool):
     from tqdm import tqdm
 
+    from layers.quant.calibration import ActivationRecorder, decoder_linears
     from router.params import GenerationParams
 
     linears = decoder_linears(llm.worker.model)
     windows = [token_ids[i : i + window] for i in range(0, len(token_ids), window)]
-    rec = _Recorder(linears, max(1, len(token_ids) // sample_tokens), sample_tokens)
+    rec = ActivationRecorder(linears, max(1, len(token_ids) // sample_tokens), sample_tokens)
     try:
         for w in tqdm(windows, desc="calibrating", unit="window", disable=not progress):
             llm.generate([w], GenerationParams(max_tokens=1))
@@ -104,34 +69,13 @@ def calibrate(llm, token_ids: list[int], window: int, sample_tokens: int, progre
     return {n: (rec.absmax[n], torch.cat(rec.samples[n])) for n in linears}
 
 
-def search(linears: dict, stats: dict, progress: bool) -> dict[str, dict]:
-    """Per linear: the alpha with the least W8A8 error, its smoothing vector and the errors."""
-    from tqdm import tqdm
-
-    from layers.quant.smoothquant import smoothing, w8a8_error
-
-    chosen = {}
-    for name in tqdm(linears, desc="searching alpha", unit="linear", disable=not progress):
-        w = linears[name].weight.data
-        absmax, sample = stats[name]
-        errors = {a: w8a8_error(sample, w, absmax, a) for a in ALPHAS}
-        best = min(errors, key=errors.get)
-        chosen[name] = {
-            "alpha": best,
-            "smooth": smoothing(absmax, w, best),
-            "error": errors[best],
-            "error_unsmoothed": errors[None],
-        }
-    return chosen
-
-
 def write_file(folder: str, path: Path, model, chosen: dict, metadata: dict, progress: bool):
     """The source checkpoint, tensor by tensor, with the decoder linears in their stored form."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     from layers.linear import WHOLE
-    from layers.quant.smoothquant import quantize_smoothed
+    from layers.quant.calibration import stored_tensors
     from shards.checkpoint import CheckpointReader
     from shards.loader import name_pattern
 
@@ -150,11 +94,7 @@ def write_file(folder: str, path: Path, model, chosen: dict, metadata: dict, pro
         module_path = module_path.replace("{i}", idx or "") if module_path else None
         tensor = handle.read(WHOLE)
         if pname == "weight" and module_path in chosen:
-            s = chosen[module_path]["smooth"]
-            q, scale = quantize_smoothed(tensor, s)
-            base = name.removesuffix(".weight")
-            out[f"{base}.qweight"], out[f"{base}.weight_scale"] = q, scale
-            out[f"{base}.smooth"] = s.clone()
+            out.update(stored_tensors(name, tensor, chosen[module_path]["smooth"]))
         else:
             out[name] = tensor.contiguous().clone()
     tmp = path.with_name(path.name + ".partial")
@@ -185,6 +125,7 @@ def quantize(
     """Calibrate on `token_ids`, or on `text` (default: the built-in text) tokenized; search;
     write. Returns the file's path."""
     from launcher.llm import LLM
+    from layers.quant.calibration import decoder_linears, search_alphas
     from layers.quant.smoothquant import FORMAT, FORMAT_VERSION, SMOOTHQUANT_FILE
     from shards.model_config import load_model_config
 
@@ -208,8 +149,7 @@ def quantize(
             raise ValueError(f"calibration text has {len(ids)} tokens; at least {2 * window}")
         log.info("calibrating on %d tokens in windows of %d", len(ids), window)
         stats = calibrate(llm, ids, window, sample_tokens, progress)
-        linears = decoder_linears(llm.worker.model)
-        chosen = search(linears, stats, progress)
+        chosen = search_alphas(decoder_linears(llm.worker.model), stats, progress)
         dst = Path(output_dir or folder)
         if dst.resolve() != Path(folder).resolve():
             _copy_model_files(Path(folder), dst)

@@ -5,6 +5,7 @@ Torch-free so the launcher can validate a model folder before any shard starts.
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,7 @@ def model_config_from_dict(
         raise ModelConfigError(f"{source}: {e}") from e
 
 
-def _number(raw: dict, name: str, kind, source: str, default=None):
+def number(raw: dict, name: str, kind, source: str, default=None):
     value = raw.get(name)
     if value is None:
         if default is None:
@@ -103,100 +104,22 @@ def _number(raw: dict, name: str, kind, source: str, default=None):
     return kind(value)
 
 
-def _qwen_v1(raw: dict, source: str) -> dict:
-    """Qwen v1's config.json in the names the rest of this module reads. Its `intermediate_size`
-    counts both MLP halves. Dynamic NTK and logn attention scaling act only past `seq_length`
-    tokens, so the context is capped there and both stay the identity."""
-    out = dict(raw)
-    heads = _number(raw, "num_attention_heads", int, source)
-    hidden = _number(raw, "hidden_size", int, source)
-    out["intermediate_size"] = _number(raw, "intermediate_size", int, source) // 2
-    out["head_dim"] = _number(raw, "kv_channels", int, source, hidden // heads)
-    out["rms_norm_eps"] = _number(raw, "layer_norm_epsilon", float, source, 1e-6)
-    out["rope_theta"] = _number(raw, "rotary_emb_base", float, source, 10000.0)
-    out["partial_rotary_factor"] = _number(raw, "rotary_pct", float, source, 1.0)
-    context = _number(raw, "max_position_embeddings", int, source, 2048)
-    if raw.get("use_dynamic_ntk") or raw.get("use_logn_attn"):
-        context = _number(raw, "seq_length", int, source, context)
-    out["max_position_embeddings"] = context
-    out["tie_word_embeddings"] = False
-    for key in ("rope_parameters", "rope_scaling", "num_key_value_heads", "attention_bias"):
-        out.pop(key, None)
-    return out
-
-
-def _baichuan(raw: dict, source: str) -> dict:
-    """Baichuan's 13B models (both generations) position tokens by ALiBi biases, its 7B models by
-    rotary embeddings, and the configs say which by the context key each model's code reads: the
-    7B code `max_position_embeddings` (Baichuan2-7B's config carries it beside
-    `model_max_length`), the 13B code `model_max_length` alone. Baichuan-7B's own architecture
-    name is rotary whatever it carries; a config with neither key falls back to the width (4,096
-    rotary, any other ALiBi: vLLM's rule, right for the official sizes only)."""
-    out = dict(raw)
-    archs = raw.get("architectures") or []
-    if archs and archs[0] == "BaiChuanForCausalLM":
-        alibi, why = False, "the architecture is Baichuan-7B's"
-    elif "max_position_embeddings" in raw:
-        alibi, why = False, "the config carries max_position_embeddings, as the 7B models' do"
-    elif "model_max_length" in raw:
-        alibi, why = True, "the config carries model_max_length only, as the 13B models' do"
-    else:
-        alibi = raw.get("hidden_size") != 4096
-        why = f"the config names no context length; hidden size {raw.get('hidden_size')}"
-    out["alibi"] = alibi
-    out["_notes"] = [f"Baichuan positions: {'ALiBi' if alibi else 'rotary'} ({why})"]
-    out.setdefault("max_position_embeddings", raw.get("model_max_length", 4096))
-    return out
-
-
-def _chatglm(raw: dict, source: str) -> dict:
-    """ChatGLM2 / ChatGLM3's config.json in the names the rest of this module reads. Rotary
-    covers half of each head's dims, as neighbouring pairs, with base 10,000 x `rope_ratio`
-    (ChatGLM3-32K); Q, K and V carry biases, the output projection does not. Variants of the
-    block that no released ChatGLM2/3 checkpoint uses are refused by name."""
-    for key, wanted in (
-        ("rmsnorm", True),
-        ("apply_residual_connection_post_layernorm", False),
-        ("post_layer_norm", True),
-        ("add_qkv_bias", True),
-        ("add_bias_linear", False),
-        ("original_rope", True),
-    ):
-        if bool(raw.get(key, wanted)) != wanted:
-            raise ModelConfigError(f"{source}: ChatGLM with {key}={raw[key]!r} is not supported")
-    out = dict(raw)
-    heads = _number(raw, "num_attention_heads", int, source)
-    hidden = _number(raw, "hidden_size", int, source)
-    out["num_hidden_layers"] = _number(raw, "num_layers", int, source)
-    out["vocab_size"] = _number(raw, "padded_vocab_size", int, source)
-    out["intermediate_size"] = _number(raw, "ffn_hidden_size", int, source)
-    out["head_dim"] = _number(raw, "kv_channels", int, source, hidden // heads)
-    if raw.get("multi_query_attention"):
-        out["num_key_value_heads"] = _number(raw, "multi_query_group_num", int, source)
-    else:
-        out["num_key_value_heads"] = heads
-    out["rms_norm_eps"] = _number(raw, "layernorm_epsilon", float, source, 1e-5)
-    out["max_position_embeddings"] = _number(raw, "seq_length", int, source, 2048)
-    out["rope_theta"] = 10000.0 * _number(raw, "rope_ratio", float, source, 1.0)
-    out["partial_rotary_factor"] = 0.5
-    out["rope_interleaved"] = True
-    out["tie_word_embeddings"] = False
-    out["attention_bias"] = False  # the output projection's; Q, K and V always have one
-    for key in ("rope_parameters", "rope_scaling"):
-        out.pop(key, None)
-    return out
+# model_type -> the module (beside its family's model code, torch-free) whose `common_fields`
+# maps a config written in the family's own names into the names `_from_dict` reads.
+_FAMILY_FIELDS = {
+    "qwen": "shards.models.qwen_config",
+    "baichuan": "shards.models.baichuan_config",
+    "chatglm": "shards.models.chatglm_config",
+}
 
 
 def _from_dict(raw: dict, generation: dict | None, source: str) -> ModelConfig:
-    if raw.get("model_type") == "qwen":
-        raw = _qwen_v1(raw, source)
-    elif raw.get("model_type") == "baichuan":
-        raw = _baichuan(raw, source)
-    elif raw.get("model_type") == "chatglm":
-        raw = _chatglm(raw, source)
+    family = _FAMILY_FIELDS.get(raw.get("model_type"))
+    if family is not None:
+        raw = importlib.import_module(family).common_fields(raw, source)
 
     def need(name: str):
-        return _number(raw, name, int, source)
+        return number(raw, name, int, source)
 
     archs = raw.get("architectures") or []
     if not archs:
@@ -216,14 +139,14 @@ def _from_dict(raw: dict, generation: dict | None, source: str) -> ModelConfig:
         intermediate_size=need("intermediate_size"),
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=_number(raw, "num_key_value_heads", int, source, heads),
-        head_dim=_number(raw, "head_dim", int, source, hidden // heads),
+        num_key_value_heads=number(raw, "num_key_value_heads", int, source, heads),
+        head_dim=number(raw, "head_dim", int, source, hidden // heads),
         vocab_size=need("vocab_size"),
-        max_position_embeddings=_number(raw, "max_position_embeddings", int, source, 2048),
-        rms_norm_eps=_number(raw, "rms_norm_eps", float, source, 1e-6),
+        max_position_embeddings=number(raw, "max_position_embeddings", int, source, 2048),
+        rms_norm_eps=number(raw, "rms_norm_eps", float, source, 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        partial_rotary_factor=_number(raw, "partial_rotary_factor", float, source, 1.0),
+        partial_rotary_factor=number(raw, "partial_rotary_factor", float, source, 1.0),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention_bias=bool(raw.get("attention_bias", False)),
         mlp_bias=bool(raw.get("mlp_bias", False)),

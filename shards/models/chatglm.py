@@ -2,7 +2,7 @@
 
 The block is the Qwen2 one (pre-norm RMSNorm, Q/K/V with biases, SwiGLU) with multi-query
 attention (`multi_query_group_num` KV heads) and rotary on the first half of each head's dims
-as neighbouring pairs; `shards/model_config.py` maps its config. Layout of the official
+as neighbouring pairs; `chatglm_config.py` maps its config. Layout of the official
 checkpoints: `transformer.embedding.word_embeddings`, per layer `input_layernorm`,
 `self_attention.query_key_value` (Q, K and V fused by proportion, with bias),
 `self_attention.dense`, `post_attention_layernorm`, `mlp.dense_h_to_4h` (gate and up fused),

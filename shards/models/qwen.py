@@ -4,7 +4,7 @@ checkpoint's own modeling code.
 Layout of the official checkpoints: `transformer.wte`, per layer `ln_1`, `attn.c_attn` (Q, K and
 V fused, with bias), `attn.c_proj`, `ln_2`, `mlp.w1` / `mlp.w2` / `mlp.c_proj`, then
 `transformer.ln_f` and an untied `lm_head`. The MLP computes `w1(x) * silu(w2(x))`, so `w2` is
-the gate and `w1` the up projection. Its config fields are mapped in `shards/model_config.py`.
+the gate and `w1` the up projection. Its config fields are mapped in `qwen_config.py`.
 """
 
 from __future__ import annotations

@@ -248,7 +248,7 @@ def create_app(router: Router, lifespan=None) -> Starlette:
     paths = {r.path for r in routes}
     return Starlette(
         routes=routes,
-        middleware=[Middleware(CountResponses, metrics=router.http.metrics, routes=paths)],
+        middleware=[Middleware(CountResponses, metrics=router.metrics, routes=paths)],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )

@@ -149,20 +149,34 @@ class AsyncEngine:
                 self._wake.set()
 
     async def _loop(self) -> None:
+        # A step's updates reach their streams while the next step runs: the plan leaves as soon
+        # as the scheduler has the results, and detokenizing, stop strings and the HTTP writes
+        # overlap the shard's forward instead of delaying it. (A stop string found then ends its
+        # sequence one step late on the shard; the scheduler drops that step's token for it, as
+        # for any sequence aborted while a step runs.)
+        pending: list[SeqUpdate] = []
         try:
             while True:
                 started = time.perf_counter()
                 plan = self.scheduler.schedule()
                 if plan is None:
+                    if pending:  # publishing may end sequences or free slots: plan again
+                        self._publish(pending)
+                        pending = []
+                        continue
                     self._wake.clear()
                     await self._idle()
                     continue
                 self._scheduled(plan, time.monotonic())
                 sent = time.perf_counter()
                 self.step_started = time.monotonic()
-                result = await self.shard.execute(plan)
+                step = asyncio.ensure_future(self.shard.execute(plan))
+                if pending:
+                    await asyncio.sleep(0)  # the step's task runs until it waits: the plan is out
+                    self._publish(pending)
+                result = await step
                 self.step_started = None
-                self.core.finish(plan, result, started, sent, self._after_step)
+                pending = self.core.finish(plan, result, started, sent)
                 took = time.perf_counter() - started
                 self.accounting.step(took, len(plan.seqs), plan.num_tokens)
                 await asyncio.sleep(0)  # let request handlers run between steps
@@ -190,7 +204,7 @@ class AsyncEngine:
                 self.accounting.scheduled(stream, now)
                 self.admission.left_waiting(stream)
 
-    def _after_step(self, updates: list[SeqUpdate]) -> None:
+    def _publish(self, updates: list[SeqUpdate]) -> None:
         now = time.monotonic()
         for u in updates:
             stream = self._streams.get(u.seq.seq_id)

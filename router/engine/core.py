@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,20 +74,13 @@ class EngineCore:
         return self.finish(plan, self.shard.execute(plan), started, sent)
 
     def finish(
-        self,
-        plan: StepPlan,
-        result: StepResult,
-        started: float,
-        sent: float,
-        then: Callable[[list[SeqUpdate]], None] | None = None,
+        self, plan: StepPlan, result: StepResult, started: float, sent: float
     ) -> list[SeqUpdate]:
         """A step's second half, for this loop and the async engine's alike: the scheduler's
-        update for `result`, `then(updates)` (the async engine publishes them there), and the
-        step's times (`started` before scheduling, `sent` when the plan left)."""
+        update for `result` and the step's times (`started` before scheduling, `sent` when the
+        plan left). The async engine publishes the updates while its next step runs."""
         back = time.perf_counter()
         updates = self.scheduler.update(plan, result, back - started)
-        if then is not None:
-            then(updates)
         if plan.seqs:
             tm = self.times
             tm.steps += 1

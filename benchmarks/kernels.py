@@ -7,6 +7,8 @@ bytes, for more (prompt chunks, large batches) GFLOP/s.
     int8 fused  the compiled multiply-and-sum over int8 weights (`fused_gemv`, float activations)
     int8 onednn the two-pass int8 rounding through torch._int_mm (oneDNN's int8 GEMM)
     int8 kernel the hand-written GEMV, `shardserve_kernels::int8_linear` (shards/kernels.py)
+    int8 blocks the hand-written int8 matmul 16 rows at a time,
+                `shardserve_kernels::int8_blocks_linear`
     nf4 kernel  the hand-written NF4 GEMV in bytes, 16 rows at a time,
                 `shardserve_kernels::nf4_blocks_linear`
     int8 expand, nf4 expand
@@ -68,6 +70,13 @@ def _nf4_blocks(w):
     return (*to_blocks(codes, scale), levels)
 
 
+def _int8_blocks(w):
+    from layers.quant.int8 import quantize_rows, to_blocks
+
+    q, scale = quantize_rows(w, w.abs().amax(dim=1))
+    return to_blocks(q).contiguous(), scale
+
+
 def _paths(kernel: bool, rows: int) -> dict:
     """name -> (prepare a float weight, run one input), with weight bytes per element."""
     import torch
@@ -95,6 +104,7 @@ def _paths(kernel: bool, rows: int) -> dict:
     if kernel:
         paths["int8 kernel"] = (int8, lambda x, p: ops.int8_linear(x, *p), 1)
     if kernel and kernel_isa() >= 2:
+        paths["int8 blocks"] = (_int8_blocks, lambda x, p: ops.int8_blocks_linear(x, *p), 1)
         paths["nf4 kernel"] = (_nf4_blocks, lambda x, p: ops.nf4_blocks_linear(x, *p), 0.5)
     if kernel and expand.expand_available():
         paths["int8 expand"] = (int8, lambda x, p: expand.int8_matmul(x, *p), 1)

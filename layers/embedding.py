@@ -81,6 +81,7 @@ class _HeadMatmul(nn.Module):
     are this rank's vocab slice: output channels, like a column-parallel linear."""
 
     split = Split.COLUMN
+    lm_head = True  # a mode keeps its rows as they are: a tied embedding looks rows up in them
 
     def __init__(self, weight: torch.Tensor, pctx: ParallelContext, quant: QuantMode) -> None:
         super().__init__()

@@ -5,10 +5,11 @@ nothing is registered and the layers keep their plain-torch paths.
 
     layers/quant/gemv.cpp   shardserve_kernels::int8_linear, the GEMV of few-token steps
                             over int8 weights
-    layers/quant/expand.cpp shardserve_kernels::int8_expand and nf4_blocks_expand, quantized
-                            rows to bfloat16 for the GEMMs of many tokens
-    layers/quant/nf4_blocks.cpp
-                            shardserve_kernels::nf4_blocks_linear, the NF4 GEMV laid out 16
+    layers/quant/expand.cpp shardserve_kernels::int8_expand, nf4_blocks_expand and
+                            int8_blocks_expand, quantized rows to bfloat16 for the GEMMs of
+                            many tokens
+    layers/quant/blocks.cpp shardserve_kernels::nf4_blocks_linear and int8_blocks_linear, the
+                            NF4 and int8 matmuls of up to a few hundred tokens, laid out 16
                             rows at a time
     layers/attention/paged_decode.cpp
                             shardserve_kernels::paged_decode, decode attention over the
@@ -36,7 +37,7 @@ _LAYERS = Path(layers.__file__).parent
 SOURCES = (
     _LAYERS / "quant" / "gemv.cpp",
     _LAYERS / "quant" / "expand.cpp",
-    _LAYERS / "quant" / "nf4_blocks.cpp",
+    _LAYERS / "quant" / "blocks.cpp",
     _LAYERS / "attention" / "paged_decode.cpp",
 )
 HEADERS = (_LAYERS / "bf16.h",)  # part of the cache key, not of the command
@@ -141,6 +142,10 @@ def load(compiler: str | None = None) -> bool:
 
     @torch.library.register_fake("shardserve_kernels::nf4_blocks_linear")
     def _(x, blocks, scales, levels):
+        return x.new_empty(x.shape[0], blocks.shape[0] * blocks.shape[3])
+
+    @torch.library.register_fake("shardserve_kernels::int8_blocks_linear")
+    def _(x, blocks, scale):
         return x.new_empty(x.shape[0], blocks.shape[0] * blocks.shape[3])
 
     @torch.library.register_fake("shardserve_kernels::paged_decode")

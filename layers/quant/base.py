@@ -80,6 +80,12 @@ def row_absmax(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
     return absmax
 
 
+def padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t with zero rows appended up to `rows` (for a kernel's blocks of rows: a padded row has
+    scale 0, so it adds nothing)."""
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
 # Up to this many rows, a compiled step computes a weight-only linear as one dequantize-
 # multiply-sum reduction per row (`fused_gemv`). Inductor fuses the cast into the reduction, so
 # int8 weights stream from memory as int8: ~2.5x float32's weight bandwidth at one row. Past 4

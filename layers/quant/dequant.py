@@ -1,18 +1,18 @@
 """Weight-only modes stored as codes: `fp8` (float8_e4m3fn, one scale per output channel) and
-`ifq_nf4` (NF4 codes packed two per byte, one absmax scale per group of 64 inputs). They hold
-1/4 and ~1/7 of float32's bytes. Compiled CPU decode steps of up to 4 rows read the codes inside
-`fused_gemv`'s reduction (e4m3 converted, NF4 looked up per byte), which no float weight is
-built for. On a CPU with AVX-512 VNNI every NF4 matmul of up to 32 tokens goes through a
-hand-written kernel instead: levels rounded to int8, activations to int8 twice over per group
-of 64, as llama.cpp multiplies its 4-bit blocks (~0.6 % of a matmul's norm against the exact
-levels; inductor's float lookup streamed the 1B shape's codes at well under 1 GB/s). There the
+`ifq_nf4` (NF4 codes packed two per byte, one absmax scale per group of 64 inputs). They hold 1/4
+and ~1/7 of float32's bytes. Compiled CPU decode steps of up to 4 rows read the codes inside
+`fused_gemv`'s reduction (e4m3 converted, NF4 looked up per byte), which no float weight is built
+for. On a CPU with AVX-512 VNNI every NF4 matmul of fewer than NF4_EXPAND_MIN_TOKENS (256) tokens
+goes through a hand-written kernel instead: levels rounded to int8, activations to int8 twice over
+per group of 64, as llama.cpp multiplies its 4-bit blocks (~0.6 % of a matmul's norm against the
+exact levels; inductor's float lookup streamed the 1B shape's codes at well under 1 GB/s). There the
 codes are kept in blocks of 16 rows (`to_blocks`; a layer whose outputs do not divide by 16 is
-padded with rows of zero scale) for `shardserve_kernels::nf4_blocks_linear` (nf4_blocks.cpp:
-one vpdpbusd lane per row, 1.6-1.8x a row-by-row kernel at one token). More tokens (prompts),
-where the CPU has bfloat16 dot products, expand the codes to bfloat16 tile by tile for
-oneDNN's GEMM (expand.py): ~3.4x the kernel's speed at 512 tokens.
-On CPU the LM head is int8 (`ifq`'s, `cpu_lm_head_mode`). Every other matmul rebuilds the
-float weight first. The log says which at start-up.
+padded with rows of zero scale) for `shardserve_kernels::nf4_blocks_linear` (blocks.cpp: one
+vpdpbusd lane per row, 1.6-1.8x a row-by-row kernel at one token). More tokens (long prompt chunks),
+where the CPU has bfloat16 dot products, expand the codes to bfloat16 tile by tile for oneDNN's GEMM
+(expand.py), which draws level with the kernel near 256 tokens. On CPU the LM head is int8 (`ifq`'s,
+`cpu_lm_head_mode`). Every other matmul rebuilds the float weight first. The log says which at
+start-up.
 
 On GPUs with fp8 tensor cores (compute capability 8.9+), `fp8` with fast kernels runs the
 large linears with `torch._scaled_mm` on the fp8 weight, each token's activations quantized to
@@ -36,6 +36,7 @@ from layers.quant.base import (
     fused_gemv,
     fused_gemv_fits,
     kernel_isa,
+    padded_rows,
     row_absmax,
 )
 from layers.quant.expand import expand_available, expands, nf4_blocks_matmul
@@ -202,7 +203,7 @@ def _fp8_scaled_mm(x: torch.Tensor, fp8_weight: torch.Tensor, scale_row: torch.T
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
-NF4_BLOCK_ROWS = 16  # rows the decode kernel multiplies at once (nf4_blocks.cpp)
+NF4_BLOCK_ROWS = 16  # rows the decode kernel multiplies at once (blocks.cpp)
 
 # Below this many tokens the NF4 kernel beats expanding its rows to bfloat16: it multiplies
 # every token with a block of 16 rows while the block is in cache, 330-360 GFLOP/s on the 1B
@@ -213,7 +214,7 @@ NF4_EXPAND_MIN_TOKENS = 256
 
 
 def to_blocks(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """NF4 codes [N, K] and group scales [N, K / 64] in nf4_blocks.cpp's layout: per 16 rows
+    """NF4 codes [N, K] and group scales [N, K / 64] in blocks.cpp's layout: per 16 rows
     and group, 8 runs of 64 bytes, byte (r, b) of run k holding row r's codes of inputs
     8k + b (low nibble) and 8k + 4 + b (high nibble); scales [N / 16, K / 64, 16]."""
     n, k = codes.shape
@@ -241,11 +242,6 @@ def nf4_scales(layer) -> torch.Tensor:
         return layer.nf4_scale
     s = layer.nf4_block_scales  # [N / 16, G, 16]
     return s.transpose(1, 2).reshape(-1, s.shape[1])[: layer.nf4_rows]
-
-
-def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """t with zero rows appended up to `rows` (a padded row has scale 0: it adds nothing)."""
-    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
 class Nf4WeightOnly(_Announced):
@@ -278,7 +274,7 @@ class Nf4WeightOnly(_Announced):
         if layer.nf4_kernel:
             rows = -(-out_f // NF4_BLOCK_ROWS) * NF4_BLOCK_ROWS
             layer.nf4_blocks, layer.nf4_block_scales = to_blocks(
-                _padded(codes, rows), _padded(scale, rows)
+                padded_rows(codes, rows), padded_rows(scale, rows)
             )
         else:
             layer.nf4_packed = codes[:, 0::2] | (codes[:, 1::2] << 4)

@@ -3,16 +3,19 @@
 // dot products) runs ~2x float32's and well ahead of multiplying the codes one token group at a
 // time. The caller expands a tile of rows, multiplies it, and reuses the buffer for the next.
 //   shardserve_kernels::nf4_blocks_expand(blocks, scales, levels, out): out[n][k] =
-//     levels[code] * scale for the NF4 codes of layers/quant/dequant.py in nf4_blocks.cpp's
+//     levels[code] * scale for the NF4 codes of layers/quant/dequant.py in blocks.cpp's
 //     blocks of 16 rows (a float32 scale per row and group of 64 inputs), rounded to bfloat16
 //     (nearest, ties to even).
-//   shardserve_kernels::int8_expand(q, scale, out): out[n][k] = q[n][k] * scale[n], likewise.
+//   shardserve_kernels::int8_expand(q, scale, out): out[n][k] = q[n][k] * scale[n], likewise;
+//   int8_blocks_expand(blocks, scale, out) the same for int8 rows in blocks.cpp's blocks.
 // The product is computed in float32 as torch computes it, so each value equals the dequantized
 // float32 weight cast to bfloat16. AVX-512 (F, BW); built beside gemv.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
+
+#include <cstring>
 
 #include "../bf16.h"
 
@@ -32,7 +35,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline)) inl
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out + K), _mm256_extracti128_si256(b, 1));
 }
 
-// One block of 16 rows (nf4_blocks.cpp's layout) to bfloat16 rows out[0..15][0..K).
+// One block of 16 rows (blocks.cpp's layout) to bfloat16 rows out[0..15][0..K).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void nf4_block(
     const uint8_t* codes, const float* scales, const float* levels_in, uint16_t* out, int64_t K) {
   const __m512 levels = _mm512_loadu_ps(levels_in);
@@ -67,6 +70,32 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void int8_row(const int8_t*
     store_bf16(out + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s));
   }
   for (; k < K; ++k) out[k] = c10::BFloat16(float(q[k]) * scale).x;  // rounds as store_bf16
+}
+
+// One block of 16 int8 rows (blocks.cpp's layout, bytes offset by 128) to bfloat16 rows.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void int8_block(
+    const uint8_t* bytes, const float* scale, uint16_t* out, int64_t K) {
+  __m512 s[4];  // rows 4i..4i+3, each scale four times: a quarter run's 16 values
+  for (int i = 0; i < 4; ++i)
+    s[i] = _mm512_permutexvar_ps(
+        _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+        _mm512_castps128_ps512(_mm_loadu_ps(scale + 4 * i)));
+  const __m512i bias = _mm512_set1_epi32(128);
+  for (int64_t g = 0; g < K / kGroup; ++g) {
+    for (int k = 0; k < 16; ++k) {
+      const uint8_t* run = bytes + g * 1024 + 64 * k;
+      uint16_t* o = out + g * kGroup + 4 * k;
+      for (int i = 0; i < 4; ++i) {  // rows 4i..4i+3, inputs 4k..4k+3 of the group
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(run + 16 * i));
+        const __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(v), bias);
+        const __m256i b = shardserve::to_bf16(_mm512_mul_ps(_mm512_cvtepi32_ps(q), s[i]));
+        alignas(32) uint64_t four[4];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(four), b);
+        for (int r = 0; r < 4; ++r)
+          std::memcpy(o + (4 * i + r) * K, &four[r], sizeof(uint64_t));
+      }
+    }
+  }
 }
 
 bool supported() {
@@ -119,14 +148,31 @@ void int8_expand(const at::Tensor& q, const at::Tensor& scale, at::Tensor out) {
   });
 }
 
+void int8_blocks_expand(const at::Tensor& blocks, const at::Tensor& scale, at::Tensor out) {
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && scale.scalar_type() == at::kFloat &&
+                  blocks.dim() == 5 && blocks.size(2) == 16 && scale.numel() == blocks.size(0) * 16,
+              "int8_blocks_expand: uint8 blocks [N / 16, K / 64, 16, 16, 4], float32 scale [N]");
+  const int64_t NB = blocks.size(0), K = blocks.size(1) * kGroup;
+  check_out(out, NB * 16, K, "int8_blocks_expand");
+  const at::Tensor bc = blocks.contiguous(), sc = scale.contiguous();
+  const uint8_t* bp = bc.data_ptr<uint8_t>();
+  const float* sp = sc.data_ptr<float>();
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) int8_block(bp + b * K * 16, sp + b * 16, op + b * 16 * K, K);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(shardserve_kernels, m) {
   m.def("int8_expand(Tensor q, Tensor scale, Tensor(a!) out) -> ()");
   m.def("nf4_blocks_expand(Tensor blocks, Tensor scales, Tensor levels, Tensor(a!) out) -> ()");
+  m.def("int8_blocks_expand(Tensor blocks, Tensor scale, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(shardserve_kernels, CPU, m) {
   m.impl("int8_expand", &int8_expand);
   m.impl("nf4_blocks_expand", &nf4_blocks_expand);
+  m.impl("int8_blocks_expand", &int8_blocks_expand);
 }

@@ -85,8 +85,18 @@ def int8_matmul(x: torch.Tensor, qweight, scale) -> torch.Tensor:
     return expanded_matmul(x, qweight.shape[0], expand)
 
 
+def int8_blocks_matmul(x: torch.Tensor, blocks, scale) -> torch.Tensor:
+    """x [M, K] @ (Q * scale).T for int8 rows in blocks of 16 (layers/quant/blocks.cpp)."""
+
+    def expand(start: int, end: int, out: torch.Tensor) -> None:
+        b0, b1 = start // 16, end // 16
+        torch.ops.shardserve_kernels.int8_blocks_expand(blocks[b0:b1], scale[start:end], out)
+
+    return expanded_matmul(x, blocks.shape[0] * 16, expand, step=16)
+
+
 def nf4_blocks_matmul(x: torch.Tensor, blocks, scales, levels) -> torch.Tensor:
-    """x [M, K] @ W.T for NF4 codes in blocks of 16 rows (layers/quant/nf4_blocks.cpp)."""
+    """x [M, K] @ W.T for NF4 codes in blocks of 16 rows (layers/quant/blocks.cpp)."""
 
     def expand(start: int, end: int, out: torch.Tensor) -> None:
         b0, b1 = start // 16, end // 16

@@ -4,7 +4,9 @@ Online: the loader fills a float weight for the local shard; `finalize` quantize
 the float copy. A row-parallel layer's scales are maxima over the *whole* row (all ranks), so
 every TP size stores the same int8 values and scales.
 
-The oracle is plain torch: `(x @ q.T) * scale`. One int8 copy serves every fast path on CPU:
+The oracle is plain torch: `(x @ q.T) * scale`. On a CPU with AVX-512 VNNI and the kernels built,
+decoder linears keep their rows in blocks of 16 for `int8_blocks_linear` (layers/quant/blocks.cpp;
+`Int8WeightOnly` says which); for the others one int8 copy serves every fast path on CPU:
 `int8_two_pass` rounds the activations to int8 twice over (~15 bits) and multiplies them with
 the weights in exact int32 sums: up to KERNEL_MAX_TOKENS tokens (decode steps) through the
 hand-written GEMV `shardserve_kernels::int8_linear` (gemv.cpp, built by shards/kernels.py), more
@@ -33,9 +35,10 @@ from layers.quant.base import (
     fused_gemv,
     fused_gemv_fits,
     kernel_isa,
+    padded_rows,
     row_absmax,
 )
-from layers.quant.expand import expand_available, expands, int8_matmul
+from layers.quant.expand import expand_available, expands, int8_blocks_matmul, int8_matmul
 
 log = logging.getLogger("shardserve.quant")
 
@@ -174,7 +177,37 @@ def warm_up(model: torch.nn.Module) -> None:
             return  # one graph serves every layer
 
 
+# Below this many tokens a layer in blocks multiplies in bytes (`int8_blocks_linear`), from it on
+# it expands its rows to bfloat16 for oneDNN's GEMM: the NF4 kernel's crossover
+# (dequant.py: NF4_EXPAND_MIN_TOKENS), the arithmetic per weight being the same.
+INT8_EXPAND_MIN_TOKENS = 256
+BLOCK_ROWS, BLOCK_GROUP = 16, 64
+
+
+def to_blocks(q: torch.Tensor) -> torch.Tensor:
+    """int8 rows [N, K] (N a multiple of 16, K of 64) in blocks.cpp's layout: uint8 [N / 16,
+    K / 64, 16, 16, 4], byte (k, r, b) of group g of a block holding q[r][64 g + 4 k + b] + 128
+    (VNNI multiplies unsigned bytes by signed ones: the kernel takes the 128 back out)."""
+    n, k = q.shape
+    b = (q.to(torch.int16) + 128).to(torch.uint8)
+    return b.view(n // BLOCK_ROWS, BLOCK_ROWS, k // BLOCK_GROUP, 16, 4).permute(0, 2, 3, 1, 4)
+
+
+def from_blocks(blocks: torch.Tensor, rows: int) -> torch.Tensor:
+    """The int8 rows [rows, K] that `to_blocks` laid out."""
+    nb, g = blocks.shape[:2]
+    q = blocks.permute(0, 3, 1, 2, 4).reshape(nb * BLOCK_ROWS, g * BLOCK_GROUP)
+    return (q.to(torch.int16) - 128).to(torch.int8)[:rows]
+
+
 class Int8WeightOnly(QuantMode):
+    """On a float32 CPU with AVX-512 VNNI and the kernels built, a decoder linear whose inputs
+    divide by 64 keeps its int8 rows in blocks of 16 (`to_blocks`; outputs padded with rows of
+    scale 0) for `int8_blocks_linear`, which multiplies every step of fewer than
+    INT8_EXPAND_MIN_TOKENS tokens, decode or mixed, compiled or not, in one way; longer prompt
+    chunks expand the blocks to bfloat16. The LM head keeps plain rows: a tied embedding looks
+    its rows up in them."""
+
     name = "ifq"
 
     def create_weights(self, layer, out_local, in_local, dtype, device) -> None:
@@ -184,26 +217,44 @@ class Int8WeightOnly(QuantMode):
         w = layer.weight.data
         layer.qweight, scale = quantize_rows(w, row_absmax(layer, w))
         layer.weight_scale = scale.to(w.dtype if w.device.type != "cpu" else torch.float32)
-        layer.int8_gemm = (
-            self.fast
-            and w.device.type == "cpu"
-            and w.dtype == torch.float32
-            and int8_matmul_available()
-        )
+        cpu_float = self.fast and w.device.type == "cpu" and w.dtype == torch.float32
+        layer.int8_blocks = None
+        if (
+            cpu_float
+            and self.kernels
+            and kernel_isa() >= 2
+            and w.shape[1] % BLOCK_GROUP == 0
+            and not getattr(layer, "lm_head", False)
+        ):
+            rows = -(-w.shape[0] // BLOCK_ROWS) * BLOCK_ROWS
+            layer.int8_blocks = to_blocks(padded_rows(layer.qweight, rows)).contiguous()
+            layer.block_scale = padded_rows(layer.weight_scale, rows)
+            layer.int8_rows = w.shape[0]
+            layer.qweight = None
+        layer.int8_gemm = cpu_float and layer.int8_blocks is None and int8_matmul_available()
         layer.int8_kernel = uses_int8_kernel(self, layer)
-        layer.expand_gemm = layer.int8_gemm and self.kernels and expand_available()
+        blocks_or_gemm = layer.int8_gemm or layer.int8_blocks is not None
+        layer.expand_gemm = blocks_or_gemm and self.kernels and expand_available()
         drop_float_weight(layer)
+
+    def int8_rows(self, layer) -> torch.Tensor:
+        """The layer's int8 values [out, in], from whichever layout it keeps."""
+        if layer.int8_blocks is None:
+            return layer.qweight
+        return from_blocks(layer.int8_blocks, layer.int8_rows)
 
     def dequantized(self, layer) -> torch.Tensor:
         """The float weight the int8 values stand for (the test oracle)."""
-        return layer.qweight.float() * layer.weight_scale.float()[:, None]
+        return self.int8_rows(layer).float() * layer.weight_scale.float()[:, None]
 
     def weight_bytes(self, layer) -> int:
         out_features = layer.weight_scale.numel()
         return out_features * layer.in_local + out_features * 4
 
     def apply(self, layer, x, bias):
-        if expands(layer, x):
+        if layer.int8_blocks is not None:
+            y = self._blocks(layer, x)
+        elif expands(layer, x):
             flat = x.reshape(-1, x.shape[-1])
             y = int8_matmul(flat, layer.qweight, layer.weight_scale)
             y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
@@ -215,3 +266,14 @@ class Int8WeightOnly(QuantMode):
         else:
             y = F.linear(x, layer.qweight.to(x.dtype)) * layer.weight_scale.to(x.dtype)
         return y + bias if bias is not None else y
+
+    def _blocks(self, layer, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        blocks, scale = layer.int8_blocks, layer.block_scale
+        if expands(layer, flat, INT8_EXPAND_MIN_TOKENS):
+            y = int8_blocks_matmul(flat, blocks, scale)
+        else:
+            y = torch.ops.shardserve_kernels.int8_blocks_linear(flat.float(), blocks, scale)
+        if y.shape[-1] != layer.int8_rows:  # the padding rows' zeros
+            y = y[:, : layer.int8_rows]
+        return y.to(x.dtype).reshape(*x.shape[:-1], layer.int8_rows)

@@ -72,8 +72,10 @@ def test_only_wide_layers_and_kernel_modes_take_it():
         lin.finalize_weights()
         return lin
 
-    assert layer(int8.KERNEL_MIN_IN, True).int8_kernel
-    assert not layer(int8.KERNEL_MIN_IN, False).int8_kernel  # torch's paths: the fallback
+    # inputs in groups of 64 go to the blocks kernel where the CPU has VNNI (test_int8_blocks.py)
+    wide = int8.KERNEL_MIN_IN + (32 if torch.ops.shardserve_kernels.int8_mm_isa() >= 2 else 0)
+    assert layer(wide, True).int8_kernel
+    assert not layer(wide, False).int8_kernel  # torch's paths: the fallback
     assert not layer(int8.KERNEL_MIN_IN - 1, True).int8_kernel
 
 
@@ -163,8 +165,9 @@ def tiny_nf4_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wide_folder(tmp_path_factory):
-    """Down projections of 2,048 inputs: the layers the kernel takes."""
-    hf = build_hf_model(tiny_config("llama", intermediate_size=int8.KERNEL_MIN_IN))
+    """Down projections of 2,080 inputs: the layers the kernel takes (not in groups of 64, which
+    the blocks kernel would take)."""
+    hf = build_hf_model(tiny_config("llama", intermediate_size=int8.KERNEL_MIN_IN + 32))
     return save_checkpoint(hf, tmp_path_factory.mktemp("wide") / "model")
 
 

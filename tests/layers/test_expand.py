@@ -1,8 +1,9 @@
 """Quantized rows expanded to bfloat16 for the GEMMs of many tokens (layers/quant/expand.py and
 expand.cpp): each expanded value equals the dequantized float32 weight cast to bfloat16, bit for
-bit; tiles add up to the whole matmul; layers take the path from their mode's threshold on (`ifq`
-33 tokens, `ifq_nf4` 256, below which its own kernel is faster), eagerly only, and stay within
-bfloat16's rounding of the float matmul; a model's prompt through it keeps its greedy tokens."""
+bit; tiles add up to the whole matmul; layers take the path from their threshold on (256 tokens
+for layers in blocks of 16 rows, below which their kernels are faster; 33 for `ifq` rows kept
+plain), eagerly only, and stay within bfloat16's rounding of the float matmul; a model's prompt
+through it keeps its greedy tokens."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from layers.quant import expand
 from layers.quant.dequant import NF4_EXPAND_MIN_TOKENS
+from layers.quant.int8 import INT8_EXPAND_MIN_TOKENS
 from layers.quant.registry import get_quant_mode
 from shards import kernels
 from tests.support.tiny import build_hf_model, make_worker, our_logits, save_checkpoint, tiny_config
@@ -21,8 +23,8 @@ if not (kernels.load() and expand.expand_available()):
 
 ops = torch.ops.shardserve_kernels
 
-# the fewest tokens each mode expands
-FROM = {"ifq": expand.EXPAND_MIN_TOKENS, "ifq_nf4": NF4_EXPAND_MIN_TOKENS}
+# the fewest tokens each mode expands, its rows in blocks (inputs a multiple of 64)
+FROM = {"ifq": INT8_EXPAND_MIN_TOKENS, "ifq_nf4": NF4_EXPAND_MIN_TOKENS}
 
 
 def _layer(mode: str, k: int, n: int):
@@ -68,13 +70,22 @@ def _bf16_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x.bfloat16(), w.bfloat16()).float()
 
 
-@pytest.mark.parametrize("mode, n", [("ifq", 100), ("ifq_nf4", 100), ("ifq_nf4", 96)])
-def test_tiles_add_up_to_the_whole_matmul(mode, n, monkeypatch):
-    layer = _layer(mode, 128, n)  # NF4 in rows of 16 where they divide the outputs
-    x = torch.randn(FROM[mode], 128, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize(
+    "mode, k, n, rows",
+    [
+        ("ifq", 128, 100, INT8_EXPAND_MIN_TOKENS),
+        ("ifq", 100, 100, expand.EXPAND_MIN_TOKENS),  # inputs not in groups of 64: plain rows
+        ("ifq_nf4", 128, 100, NF4_EXPAND_MIN_TOKENS),
+        ("ifq_nf4", 128, 96, NF4_EXPAND_MIN_TOKENS),
+    ],
+)
+def test_tiles_add_up_to_the_whole_matmul(mode, k, n, rows, monkeypatch):
+    layer = _layer(mode, k, n)  # in rows of 16 where they divide the outputs
+    assert (getattr(layer, "int8_blocks", None) is not None) == (mode == "ifq" and k % 64 == 0)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
     whole = layer.quant.apply(layer, x, None)
     # 32 rows a tile: three whole tiles and a part
-    monkeypatch.setattr(expand, "EXPAND_TILE_BYTES", 32 * 2 * 128)
+    monkeypatch.setattr(expand, "EXPAND_TILE_BYTES", 32 * 2 * k)
     tiled = layer.quant.apply(layer, x, None)
     assert torch.equal(tiled, whole)
     assert torch.equal(whole, _bf16_reference(x, layer.quant.dequantized(layer)))
@@ -98,8 +109,9 @@ def test_layers_expand_past_the_compiled_row_counts_within_bfloat16_rounding(mod
 
 
 def test_a_prompt_through_expanded_tiles_keeps_the_greedy_tokens(tmp_path, monkeypatch):
-    # the tiny model's context is too short for 256 tokens: NF4 expands from 33 tokens here
+    # the tiny model's context is too short for 256 tokens: layers expand from 33 tokens here
     monkeypatch.setattr("layers.quant.dequant.NF4_EXPAND_MIN_TOKENS", expand.EXPAND_MIN_TOKENS)
+    monkeypatch.setattr("layers.quant.int8.INT8_EXPAND_MIN_TOKENS", expand.EXPAND_MIN_TOKENS)
     folder = save_checkpoint(build_hf_model(tiny_config("llama")), tmp_path / "model")
     tokens = [(i * 37 + 5) % 160 for i in range(expand.EXPAND_MIN_TOKENS + 7)]
     for mode in ("ifq", "ifq_nf4"):

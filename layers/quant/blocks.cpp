@@ -1,4 +1,5 @@
-// NF4 in bytes for decode steps, 16 output rows at a time:
+// Quantized weights multiplied in bytes, 16 output rows at a time (decode steps, mixed steps
+// and prompts of up to a few hundred tokens):
 //   shardserve_kernels::nf4_blocks_linear(x, blocks, scales, levels) = x @ W.T
 //     x float32 [M, K]; blocks uint8 [N / 16, K / 64, 8, 16, 4]: for each 16 rows and
 //     group of 64 inputs, 8 runs of 64 bytes; byte (r, b) of run k holds row r's codes of
@@ -12,6 +13,11 @@
 // pair and four vpdpbusd per token, and one conversion and multiply-add per group for 16 rows at
 // once, where a row-by-row kernel spends one per group and row (it ran at 7-10 GB/s a core,
 // bound by that arithmetic).
+//   shardserve_kernels::int8_blocks_linear(x, blocks, scale) = (x @ Q.T) * scale
+//     the same for `ifq`'s int8 rows Q [N, K] (one float32 scale per row, [N]): blocks uint8
+//     [N / 16, K / 64, 16, 16, 4], byte (r, b) of run k of a group holding Q[r][64 g + 4 k + b]
+//     + 128 (layers/quant/int8.py: `to_blocks`). Per 64 bytes one load and two vpdpbusd per
+//     token: the NF4 kernel's arithmetic per weight, without its lookups.
 // AVX-512 VNNI; built with gemv.cpp by shards/kernels.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -113,6 +119,58 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_rows(
   for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + (m0 + m) * N, total[m]);
 }
 
+// int8 rows: 16 rows against M tokens, the group's sums scaled by the token's step only (the
+// rows' scales multiply the totals once at the end).
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int8_block_rows(
+    const Tokens& t, int64_t m0, const uint8_t* codes, const float* row_scale, int64_t K,
+    float* y, int64_t N) {
+  const int64_t G = K / kGroup;
+  __m512 total[M];
+  for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc_hi[M], acc_lo[M], acc_hi2[M], acc_lo2[M];
+    for (int m = 0; m < M; ++m)
+      acc_hi[m] = acc_lo[m] = acc_hi2[m] = acc_lo2[m] = _mm512_setzero_si512();
+    const uint8_t* run = codes + g * (16 * 64);
+    for (int k = 0; k < 16; k += 2) {
+      const __m512i w0 = _mm512_loadu_si512(run + 64 * k);
+      const __m512i w1 = _mm512_loadu_si512(run + 64 * (k + 1));
+      const int64_t at = g * kGroup + 4 * k;
+      for (int m = 0; m < M; ++m) {
+        const int8_t* h = t.hi + (m0 + m) * K + at;
+        const int8_t* l = t.lo + (m0 + m) * K + at;
+        acc_hi[m] = _mm512_dpbusd_epi32(acc_hi[m], w0, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(h)));
+        acc_hi2[m] = _mm512_dpbusd_epi32(acc_hi2[m], w1, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(h + 4)));
+        acc_lo[m] = _mm512_dpbusd_epi32(acc_lo[m], w0, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(l)));
+        acc_lo2[m] = _mm512_dpbusd_epi32(acc_lo2[m], w1, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(l + 4)));
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      const int64_t mg = (m0 + m) * G + g;
+      const __m512i hi_sum = _mm512_add_epi32(acc_hi[m], acc_hi2[m]);
+      const __m512i lo_sum = _mm512_add_epi32(acc_lo[m], acc_lo2[m]);
+      const __m512i dot = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi_sum, 7), lo_sum),
+                                           _mm512_set1_epi32(t.offset[mg]));
+      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(t.step[mg]), total[m]);
+    }
+  }
+  const __m512 rs = _mm512_loadu_ps(row_scale);
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + (m0 + m) * N, _mm512_mul_ps(total[m], rs));
+}
+
+using Int8BlockFn = void (*)(const Tokens&, int64_t, const uint8_t*, const float*, int64_t, float*,
+                             int64_t);
+
+Int8BlockFn pick_int8(int64_t rows) {
+  switch (rows) {
+    case 1: return int8_block_rows<1>;
+    case 2: return int8_block_rows<2>;
+    case 3: return int8_block_rows<3>;
+    default: return int8_block_rows<4>;
+  }
+}
+
 using BlockFn = void (*)(const Tokens&, int64_t, const uint8_t*, const float*, const uint8_t*, int64_t,
                          float*, int64_t);
 
@@ -125,6 +183,22 @@ BlockFn pick(int64_t rows) {
     default: return block_rows<4>;
   }
 }
+
+// Every token of x rounded as `quantize_token` rounds it; steps divided by `divide`.
+struct RoundedTokens {
+  std::vector<int8_t> hi, lo;
+  std::vector<int32_t> offset;
+  std::vector<float> step;
+  RoundedTokens(const at::Tensor& x, float divide) {
+    const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
+    hi.resize(M * K), lo.resize(M * K), offset.resize(M * G), step.resize(M * G);
+    for (int64_t m = 0; m < M; ++m)
+      quantize_token(x.data_ptr<float>() + m * K, K, hi.data() + m * K, lo.data() + m * K,
+                     offset.data() + m * G, step.data() + m * G);
+    for (float& s : step) s /= divide;
+  }
+  Tokens tokens() const { return Tokens{hi.data(), lo.data(), offset.data(), step.data()}; }
+};
 
 bool supported() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -146,18 +220,12 @@ at::Tensor nf4_blocks_linear(const at::Tensor& x, const at::Tensor& blocks, cons
   const int64_t M = x.size(0), K = x.size(1), NB = blocks.size(0), N = NB * kRows, G = K / kGroup;
   const at::Tensor xc = x.contiguous(), bc = blocks.contiguous(), sc = scales.contiguous();
   const at::Tensor lc = levels.contiguous();
-  std::vector<int8_t> hi(M * K), lo(M * K);
-  std::vector<int32_t> offset(M * G);
-  std::vector<float> step(M * G);
-  for (int64_t m = 0; m < M; ++m)
-    quantize_token(xc.data_ptr<float>() + m * K, K, hi.data() + m * K, lo.data() + m * K,
-                   offset.data() + m * G, step.data() + m * G);
-  for (float& s : step) s /= kQmax * 128.0f;  // levels in steps of 1/127, sums in 128ths
+  RoundedTokens r(xc, kQmax * 128.0f);  // levels in steps of 1/127, sums in 128ths
   uint8_t lut[16];  // levels as int8 steps of 1/127, offset by 128 (VNNI's unsigned operand)
   for (int i = 0; i < 16; ++i)
     lut[i] = uint8_t(int(std::nearbyint(lc.data_ptr<float>()[i] * kQmax)) + 128);
   at::Tensor y = at::empty({M, N}, x.options());
-  const Tokens t{hi.data(), lo.data(), offset.data(), step.data()};
+  const Tokens t = r.tokens();
   const uint8_t* bp = bc.data_ptr<uint8_t>();
   const float* sp = sc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -171,10 +239,41 @@ at::Tensor nf4_blocks_linear(const at::Tensor& x, const at::Tensor& blocks, cons
   return y;
 }
 
+at::Tensor int8_blocks_linear(const at::Tensor& x, const at::Tensor& blocks, const at::Tensor& scale) {
+  TORCH_CHECK(supported(), "int8_blocks_linear: needs AVX-512 VNNI");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && blocks.scalar_type() == at::kByte &&
+                  scale.scalar_type() == at::kFloat,
+              "int8_blocks_linear: float32 x, uint8 blocks and float32 scale");
+  TORCH_CHECK(x.dim() == 2 && blocks.dim() == 5 && blocks.size(2) == 16 && blocks.size(3) == kRows &&
+                  blocks.size(4) == 4 && x.size(1) == blocks.size(1) * kGroup &&
+                  scale.numel() == blocks.size(0) * kRows,
+              "int8_blocks_linear: x [M, K], blocks [N / 16, K / 64, 16, 16, 4], scale [N]");
+  const int64_t M = x.size(0), K = x.size(1), NB = blocks.size(0), N = NB * kRows, G = K / kGroup;
+  const at::Tensor xc = x.contiguous(), bc = blocks.contiguous(), sc = scale.contiguous();
+  RoundedTokens r(xc, 128.0f);  // weights are the integers themselves, sums in 128ths
+  at::Tensor y = at::empty({M, N}, x.options());
+  const Tokens t = r.tokens();
+  const uint8_t* bp = bc.data_ptr<uint8_t>();
+  const float* sp = sc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const Int8BlockFn full = pick_int8(kTokens), rest = pick_int8(M % kTokens);
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t m0 = 0; m0 < M; m0 += kTokens)  // the block's bytes stay in L1 meanwhile
+        (M - m0 >= kTokens ? full : rest)(t, m0, bp + b * G * 1024, sp + b * kRows, K,
+                                          yp + b * kRows, N);
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(shardserve_kernels, m) {
   m.def("nf4_blocks_linear(Tensor x, Tensor blocks, Tensor scales, Tensor levels) -> Tensor");
+  m.def("int8_blocks_linear(Tensor x, Tensor blocks, Tensor scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(shardserve_kernels, CPU, m) { m.impl("nf4_blocks_linear", &nf4_blocks_linear); }
+TORCH_LIBRARY_IMPL(shardserve_kernels, CPU, m) {
+  m.impl("nf4_blocks_linear", &nf4_blocks_linear);
+  m.impl("int8_blocks_linear", &int8_blocks_linear);
+}

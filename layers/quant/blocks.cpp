@@ -200,6 +200,16 @@ struct RoundedTokens {
   Tokens tokens() const { return Tokens{hi.data(), lo.data(), offset.data(), step.data()}; }
 };
 
+// Each block of 16 rows against every token, kTokens at a time while the block's bytes stay in
+// L1: block(b, m0, m) computes tokens m0 .. m0 + m of block b.
+template <typename F>
+void over_blocks(int64_t M, int64_t NB, F&& block) {
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t m0 = 0; m0 < M; m0 += kTokens) block(b, m0, std::min(kTokens, M - m0));
+  });
+}
+
 bool supported() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
@@ -229,12 +239,8 @@ at::Tensor nf4_blocks_linear(const at::Tensor& x, const at::Tensor& blocks, cons
   const uint8_t* bp = bc.data_ptr<uint8_t>();
   const float* sp = sc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const BlockFn full = pick(kTokens), rest = pick(M % kTokens);
-  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t m0 = 0; m0 < M; m0 += kTokens)  // the block's codes stay in L1 meanwhile
-        (M - m0 >= kTokens ? full : rest)(t, m0, bp + b * G * 512, sp + b * G * kRows, lut, K,
-                                    yp + b * kRows, N);
+  over_blocks(M, NB, [&](int64_t b, int64_t m0, int64_t m) {
+    pick(m)(t, m0, bp + b * G * 512, sp + b * G * kRows, lut, K, yp + b * kRows, N);
   });
   return y;
 }
@@ -256,12 +262,8 @@ at::Tensor int8_blocks_linear(const at::Tensor& x, const at::Tensor& blocks, con
   const uint8_t* bp = bc.data_ptr<uint8_t>();
   const float* sp = sc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const Int8BlockFn full = pick_int8(kTokens), rest = pick_int8(M % kTokens);
-  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t m0 = 0; m0 < M; m0 += kTokens)  // the block's bytes stay in L1 meanwhile
-        (M - m0 >= kTokens ? full : rest)(t, m0, bp + b * G * 1024, sp + b * kRows, K,
-                                          yp + b * kRows, N);
+  over_blocks(M, NB, [&](int64_t b, int64_t m0, int64_t m) {
+    pick_int8(m)(t, m0, bp + b * G * 1024, sp + b * kRows, K, yp + b * kRows, N);
   });
   return y;
 }

@@ -30,8 +30,8 @@ from router.engine.outputs import (
 from router.http.detokenize import IncrementalDetokenizer
 from router.http.metrics import GroupMetrics
 from router.params import GenerationParams
-from router.scheduling.scheduler import Scheduler, SeqUpdate
-from router.scheduling.sequence import Sequence
+from router.scheduling.scheduler import Scheduler
+from router.scheduling.sequence import Sequence, SeqUpdate
 
 log = logging.getLogger("shardserve.engine")
 

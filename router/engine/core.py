@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from router.params import GenerationParams
-from router.scheduling.scheduler import Scheduler, SeqUpdate
-from router.scheduling.sequence import Sequence
+from router.scheduling.scheduler import Scheduler
+from router.scheduling.sequence import Sequence, SeqUpdate
 from shards.wire import StepPlan, StepResult
 
 

@@ -9,8 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from router.http.detokenize import IncrementalDetokenizer
-from router.scheduling.scheduler import SeqUpdate
-from router.scheduling.sequence import Sequence
+from router.scheduling.sequence import Sequence, SeqUpdate
 
 
 class EngineDeadError(RuntimeError):

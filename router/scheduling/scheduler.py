@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from router.lookahead.drafter import Drafter, DraftTree
 from router.scheduling.block_allocator import BlockAllocator
-from router.scheduling.sequence import SeqStatus, Sequence
+from router.scheduling.sequence import SeqStatus, Sequence, SeqUpdate
 from shards.wire import NewSeq, ScheduledSeq, StepPlan, StepResult
 
 
@@ -28,18 +28,6 @@ class SchedulerConfig:
     eos_token_ids: tuple[int, ...] = ()
     # Free blocks admission leaves untouched so running decodes do not immediately pre-empt.
     watermark_blocks: int = 0
-
-
-@dataclass
-class SeqUpdate:
-    seq: Sequence
-    new_token_ids: list[int]
-    logprobs: list[float] | None = None
-    top_logprobs: list | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.seq.is_finished
 
 
 class Scheduler:

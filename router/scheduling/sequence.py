@@ -71,3 +71,17 @@ class Sequence:
             parent = hashes[-1] if hashes else 0
             hashes.append(hash((parent, tuple(tokens[i * block_size : (i + 1) * block_size]))))
         return hashes
+
+
+@dataclass
+class SeqUpdate:
+    """What a step did for one sequence: the tokens it gained, with their logprobs."""
+
+    seq: Sequence
+    new_token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.seq.is_finished

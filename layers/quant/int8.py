@@ -237,7 +237,7 @@ class Int8WeightOnly(QuantMode):
         layer.expand_gemm = blocks_or_gemm and self.kernels and expand_available()
         drop_float_weight(layer)
 
-    def int8_rows(self, layer) -> torch.Tensor:
+    def int8_values(self, layer) -> torch.Tensor:
         """The layer's int8 values [out, in], from whichever layout it keeps."""
         if layer.int8_blocks is None:
             return layer.qweight
@@ -245,7 +245,7 @@ class Int8WeightOnly(QuantMode):
 
     def dequantized(self, layer) -> torch.Tensor:
         """The float weight the int8 values stand for (the test oracle)."""
-        return self.int8_rows(layer).float() * layer.weight_scale.float()[:, None]
+        return self.int8_values(layer).float() * layer.weight_scale.float()[:, None]
 
     def weight_bytes(self, layer) -> int:
         out_features = layer.weight_scale.numel()

@@ -68,9 +68,9 @@ class Admission:
         self.num_waiting -= 1
         self.num_waiting_tokens -= stream.seq.num_prompt_tokens
 
-    async def take_slot(self, stream: Stream) -> bool:
-        """Wait for a concurrency slot within the request's deadlines; False if they passed
-        first (the caller refuses it: `refusal`)."""
+    async def take_slot(self) -> bool:
+        """Wait for a concurrency slot within the deadlines; False if they passed first (the
+        caller refuses the request: `refusal`)."""
         limits = [t for t in (self.queue_timeout, self.request_timeout) if t is not None]
         self.num_queued += 1
         try:

@@ -113,7 +113,7 @@ class AsyncEngine:
         admission = self.admission
         admission.arrived(stream)
         try:
-            if not await admission.take_slot(stream):
+            if not await admission.take_slot():
                 self.accounting.refused(stream)
                 raise admission.refusal(stream)
             try:

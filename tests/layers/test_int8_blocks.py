@@ -51,7 +51,7 @@ SHAPES = [(1, 64, 3), (3, 576, 960), (16, 2048, 77), (1, 128, 16), (40, 1024, 48
 def test_the_kernel_sums_as_its_arithmetic_and_stays_near_the_dequantized_matmul(rows, k, n):
     layer = _layer(k, n)
     assert layer.int8_blocks is not None and layer.qweight is None
-    q = layer.quant.int8_rows(layer)
+    q = layer.quant.int8_values(layer)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3
     x[0, :64] = 0.0  # a group of zeros
     padded = ops.int8_blocks_linear(x, layer.int8_blocks, layer.block_scale)
